@@ -1,0 +1,84 @@
+"""Input gradient of the fused residual quantizer: one elementwise pass.
+
+``grad_x = grad_quantized + coef * sum_{l < COMMIT_LAYERS} (r_l - e_l)`` with ``coef = dL/dloss *
+2 * beta / (N * D)`` read from device memory (no host sync). The seed's routing lets only layer 0's
+commitment term reach the input (``COMMIT_LAYERS = 1``); the standard RQ-VAE routing lets all of
+them (``COMMIT_LAYERS = L``). Residuals are rebuilt from the saved indices with the forward's own
+arithmetic (``r_{l+1} = r_l - e_l``), so nothing ``(N, L, D)``-sized is kept between the passes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import tile_config
+
+
+@triton.jit
+def _residual_quantize_input_grad_kernel(
+    grad_out_ptr,     # (N, D) gradient of the quantized output (any float dtype), if HAS_GRAD_OUT
+    x_ptr,            # (N, D) forward input
+    codes_ptr,        # (K_total, D) stacked codebooks
+    layer_start_ptr,  # (L + 1,) int32
+    idx_ptr,          # (N, L) int64 layer-local indices from the forward (-1: non-finite row)
+    coef_ptr,         # () fp32 gradient scale of the commitment terms
+    grad_x_ptr,       # (N, D) output, dtype of x
+    N,
+    D,
+    NUM_LAYERS: tl.constexpr,
+    COMMIT_LAYERS: tl.constexpr,
+    HAS_GRAD_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_in = rows < N
+    dim_in = dims < D
+    tile_mask = row_in[:, None] & dim_in[None, :]
+    offsets = rows[:, None] * D + dims[None, :]
+
+    residual = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    direction = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for layer in range(COMMIT_LAYERS):
+        k_start = tl.load(layer_start_ptr + layer)
+        local = tl.load(idx_ptr + rows * NUM_LAYERS + layer, mask=row_in, other=0)
+        ok = local >= 0
+        code = tl.load(codes_ptr + (local + k_start)[:, None] * D + dims[None, :],
+                       mask=ok[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
+        residual = residual - tl.where(ok[:, None], code, float("nan"))
+        direction += residual  # r_l - e_l, the commitment term's direction for layer l
+
+    grad = tl.load(coef_ptr) * direction
+    if HAS_GRAD_OUT:
+        grad += tl.load(grad_out_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    tl.store(grad_x_ptr + offsets, grad.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def residual_quantize_input_grad(
+    grad_out: Optional[torch.Tensor],
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    layer_starts: torch.Tensor,
+    indices: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    commit_layers: int,
+) -> torch.Tensor:
+    """``(N, D)`` gradient of the input, in x's dtype; see the module docstring."""
+    n, dim = x.shape
+    cfg = tile_config(dim)
+    grad_x = torch.empty_like(x)
+    if n > 0:
+        grid = (triton.cdiv(n, cfg.block_m),)
+        _residual_quantize_input_grad_kernel[grid](
+            grad_out if grad_out is not None else x, x, codes, layer_starts, indices, coef, grad_x,
+            n, dim, NUM_LAYERS=indices.shape[1], COMMIT_LAYERS=commit_layers,
+            HAS_GRAD_OUT=grad_out is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
+    return grad_x

@@ -1,0 +1,153 @@
+"""Fused residual-quantization forward: every layer in one launch.
+
+Each program owns ``BLOCK_M`` rows and keeps their residual in registers while it walks the layers.
+Per layer it streams the layer's codebook in ``BLOCK_K`` tiles, scores ``||c||^2 - 2 r.c`` with
+``tl.dot`` and keeps a running (min, argmin) -- ties to the lowest index, like ``torch.argmin`` --
+so no ``N x K`` matrix ever exists. It then gathers the chosen code, updates the residual, adds the
+layer's squared error to a per-program partial sum and (optionally) scatters the per-code count and
+residual sum that both the codebook gradient and the EMA update need.
+
+Rows holding NaN/Inf get index -1 and a NaN output, and stay out of the statistics.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import tile_config
+
+
+@triton.jit
+def _residual_quantize_fwd_kernel(
+    x_ptr,            # (N, D) input rows, any float dtype
+    codes_ptr,        # (K_total, D) all codebooks stacked, any float dtype
+    sq_norm_ptr,      # (K_total,) fp32 squared code norms
+    layer_start_ptr,  # (L + 1,) int32: codebook l is rows [start[l], start[l+1]) of codes
+    out_ptr,          # (N, D) quantized output, dtype of x
+    idx_ptr,          # (N, L) int64 chosen code per layer (layer-local), -1 for non-finite rows
+    sse_ptr,          # (num_programs, L) fp32 per-program sum of squared errors
+    count_ptr,        # (K_total,) int32 rows per code             (written if WITH_STATS)
+    sum_ptr,          # (K_total, D) fp32 sum of residuals per code (written if WITH_STATS)
+    N,
+    D,
+    NUM_LAYERS: tl.constexpr,
+    SEED_RESIDUAL: tl.constexpr,  # r_{l+1} = r_l - (r_l + (e_l - r_l)) as the seed; else r_l - e_l
+    WITH_STATS: tl.constexpr,
+    PRECISION: tl.constexpr,      # "ieee" | "tf32" | "bf16"
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_in = rows < N
+    dim_in = dims < D
+    tile_mask = row_in[:, None] & dim_in[None, :]
+
+    x = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    row_ok = row_in & (tl.max(bad.to(tl.int32), axis=1) == 0)
+
+    residual = x
+    total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for layer in range(NUM_LAYERS):
+        k_start = tl.load(layer_start_ptr + layer)
+        k_end = tl.load(layer_start_ptr + layer + 1)
+
+        # --- nearest code: running min over codebook tiles -----------------------------------
+        if PRECISION == "bf16":
+            lhs = residual.to(tl.bfloat16)
+        else:
+            lhs = residual
+        best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+        best_idx = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_in = ks < k_end
+            codes = tl.load(codes_ptr + ks[:, None] * D + dims[None, :],
+                            mask=k_in[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
+            if PRECISION == "bf16":
+                dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16)))
+            else:
+                dots = tl.dot(lhs, tl.trans(codes), input_precision=PRECISION)
+            sq_norm = tl.load(sq_norm_ptr + ks, mask=k_in, other=0.0)
+            dist = tl.where(k_in[None, :], sq_norm[None, :] - 2.0 * dots, float("inf"))
+            tile_best = tl.min(dist, axis=1)
+            tile_idx = tl.argmin(dist, axis=1).to(tl.int32) + k0
+            better = tile_best < best  # strict: an earlier tile wins ties
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, tile_idx, best_idx)
+
+        # --- gather, residual update, loss partial ----------------------------------------------
+        code_mask = row_ok[:, None] & dim_in[None, :]
+        chosen = tl.load(codes_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :],
+                         mask=code_mask, other=0.0).to(tl.float32)
+        chosen = tl.where(row_ok[:, None], chosen, float("nan"))
+        err = chosen - residual
+        row_sse = tl.sum(err * err, axis=1)
+        tl.store(sse_ptr + pid * NUM_LAYERS + layer, tl.sum(tl.where(row_in, row_sse, 0.0), axis=0))
+        local_idx = tl.where(row_ok, best_idx - k_start, -1)
+        tl.store(idx_ptr + rows * NUM_LAYERS + layer, local_idx.to(tl.int64), mask=row_in)
+
+        if WITH_STATS:
+            tl.atomic_add(count_ptr + best_idx, tl.full((BLOCK_M,), 1, tl.int32), mask=row_ok)
+            tl.atomic_add(sum_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :], residual,
+                          mask=code_mask)
+
+        if SEED_RESIDUAL:
+            straight_through = residual + err
+            total = total + straight_through
+            residual = residual - straight_through
+        else:
+            total = total + chosen
+            residual = residual - chosen
+
+    if SEED_RESIDUAL:
+        out = total
+    else:
+        out = x + (total - x)
+    tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def residual_quantize_forward(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    sq_norms: torch.Tensor,
+    layer_starts: torch.Tensor,
+    layer_sizes: Sequence[int],
+    *,
+    seed_residual: bool,
+    precision: str,
+    with_stats: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused forward.
+
+    x ``(N, D)`` contiguous; codes ``(K_total, D)`` contiguous; sq_norms ``(K_total,)`` fp32;
+    layer_starts ``(L + 1,)`` int32 on x's device. Returns ``quantized (N, D)`` in x's dtype,
+    ``indices (N, L)`` int64, ``sse (L,)`` fp32, ``counts (K_total,)`` fp32, ``sums (K_total, D)`` fp32
+    (empty, ``(0,)`` and ``(0, D)``, when ``with_stats`` is false).
+    """
+    n, dim = x.shape
+    num_layers = len(layer_sizes)
+    k_total = codes.shape[0]
+    cfg = tile_config(dim)
+    grid = (triton.cdiv(n, cfg.block_m),)
+    quantized = torch.empty_like(x)
+    indices = torch.empty((n, num_layers), dtype=torch.int64, device=x.device)
+    sse_partial = torch.empty((grid[0], num_layers), dtype=torch.float32, device=x.device)
+    counts = torch.zeros(k_total if with_stats else 1, dtype=torch.int32, device=x.device)
+    sums = torch.zeros((k_total, dim) if with_stats else (1, 1), dtype=torch.float32, device=x.device)
+    if n > 0:
+        _residual_quantize_fwd_kernel[grid](
+            x, codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
+            NUM_LAYERS=num_layers, SEED_RESIDUAL=seed_residual, WITH_STATS=with_stats,
+            PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
+    if not with_stats:
+        counts, sums = counts[:0], sums.new_empty((0, dim))
+    return quantized, indices, sse_partial.sum(dim=0), counts.float(), sums

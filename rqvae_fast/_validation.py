@@ -1,0 +1,46 @@
+"""Argument checks that turn bad input into a clear Python exception."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def check_inputs(x: torch.Tensor, codebooks: Sequence[torch.Tensor]) -> None:
+    """Check ``x (*, D)`` against the ``(K_l, D)`` codebooks: types, shapes, dtypes, devices."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"inputs must have shape (N, D) or (*, D) with at least 2 dims, got shape {tuple(x.shape)}"
+            " (use x.unsqueeze(0) for a single vector)")
+    if not x.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor, got dtype {x.dtype}")
+    if len(codebooks) == 0:
+        raise ValueError("at least one codebook is needed")
+    dim = x.shape[-1]
+    for layer, codebook in enumerate(codebooks):
+        if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2:
+            shape = tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__
+            raise ValueError(f"codebook {layer} must be a 2-D tensor (K, D), got {shape}")
+        if codebook.shape[0] < 1:
+            raise ValueError(f"codebook {layer} is empty (K = 0)")
+        if codebook.shape[1] != dim:
+            raise ValueError(
+                f"inputs have last dim {dim} but codebook {layer} has dim {codebook.shape[1]}"
+                f" (inputs shape {tuple(x.shape)}, codebook shape {tuple(codebook.shape)})")
+        if not codebook.is_floating_point():
+            raise TypeError(f"codebook {layer} must be floating point, got dtype {codebook.dtype}")
+        if codebook.device != x.device:
+            raise ValueError(
+                f"inputs are on {x.device} but codebook {layer} is on {codebook.device}; "
+                "move them to one device")
+
+
+def check_finite(x2d: torch.Tensor, what: str = "inputs") -> None:
+    """Raise naming the first row of ``x2d (N, D)`` that holds NaN or Inf (synchronizes the device)."""
+    bad = ~torch.isfinite(x2d).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(
+            f"{what} hold NaN/Inf in {rows.numel()} row(s); first bad row: {int(rows[0])}")

@@ -1,0 +1,108 @@
+"""Functional API for users who own their codebook tensors.
+
+>>> out = residual_quantize(z, [c0, c1, c2], commitment_cost=0.25)
+>>> out.quantized, out.indices, out.loss, out.code_counts
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import backend as _backend
+from ._validation import check_finite as _check_finite
+from ._validation import check_inputs
+from .autograd import ResidualQuantizeFunction
+from .precision import resolve_precision
+from .result import QuantizeResult
+
+GRAD_MODES = ("seed", "full")
+
+
+def residual_quantize(
+    x: torch.Tensor,
+    codebooks: Sequence[torch.Tensor],
+    commitment_cost: float = 0.25,
+    *,
+    grad_mode: str = "seed",
+    codebook_loss: bool = True,
+    precision: Optional[str] = None,
+    backend: str = "auto",
+    compute_stats: Optional[bool] = None,
+    check_finite: bool = False,
+) -> QuantizeResult:
+    """Quantize ``x (*, D)`` through codebooks ``(K_l, D)`` in one fused pass.
+
+    - ``grad_mode``: ``"seed"`` (the seed document's routing) or ``"full"`` (standard RQ-VAE); see README.
+    - ``codebook_loss``: include ``mse(e_l, sg(r_l))`` in the loss and give codebooks a gradient.
+      ``False`` for EMA codebooks (loss = commitment terms only).
+    - ``precision``: ``None`` (follow ``torch.get_float32_matmul_precision()``), ``"ieee"``, ``"tf32"``
+      or ``"bf16"``: the arithmetic of the distance matmul only.
+    - ``backend``: ``"auto"`` (Triton for CUDA tensors when available), ``"triton"`` or ``"torch"``.
+    - ``compute_stats``: return per-code counts and residual sums (needed by EMA updates). ``None``:
+      only when a codebook gradient will be needed.
+    - ``check_finite``: raise naming the first NaN/Inf row (synchronizes the device). Otherwise such
+      rows get index -1, a NaN output, a NaN loss, and stay out of the statistics.
+    Nothing passed in is modified.
+    """
+    check_inputs(x, codebooks)
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    precision = resolve_precision(precision)
+    triton_path = _backend.use_triton(backend, x.device)
+
+    lead_shape, dim = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, dim).contiguous()
+    if check_finite:
+        _check_finite(x2d, "inputs")
+        for layer, codebook in enumerate(codebooks):
+            _check_finite(codebook.detach(), f"codebook {layer}")
+    layer_sizes = tuple(int(c.shape[0]) for c in codebooks)
+    if len({c.dtype for c in codebooks}) > 1:
+        codebooks = [c.float() for c in codebooks]
+    codes = torch.cat(list(codebooks), dim=0).contiguous()  # always a fresh tensor
+
+    needs_codebook_grad = (codebook_loss and torch.is_grad_enabled()
+                           and any(c.requires_grad for c in codebooks))
+    with_stats = needs_codebook_grad if compute_stats is None else (compute_stats or needs_codebook_grad)
+
+    quantized, indices, loss, layer_losses, counts, sums = ResidualQuantizeFunction.apply(
+        x2d, codes, layer_sizes, float(commitment_cost), grad_mode == "seed", codebook_loss,
+        precision, triton_path, with_stats)
+    if with_stats:
+        code_counts = tuple(counts.split(list(layer_sizes)))
+        code_sums = tuple(sums.split(list(layer_sizes)))
+    else:
+        code_counts = code_sums = ()
+    return QuantizeResult(
+        quantized=quantized.reshape(x.shape),
+        indices=indices.reshape(*lead_shape, len(layer_sizes)),
+        loss=loss,
+        layer_losses=layer_losses,
+        code_counts=code_counts,
+        code_sums=code_sums,
+    )
+
+
+@torch.no_grad()
+def ema_update_(
+    codebook: torch.Tensor,
+    ema_cluster_size: torch.Tensor,
+    ema_dw: torch.Tensor,
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+) -> None:
+    """The seed's EMA codebook update, in place (``codebook``, ``ema_cluster_size``, ``ema_dw``).
+
+    ``ema_cluster_size = decay * ema_cluster_size + (1 - decay) * counts``;
+    ``ema_dw = decay * ema_dw + (1 - decay) * sums``; then with ``n = sum(ema_cluster_size)`` the
+    Laplace-smoothed sizes ``(size + eps) / (n + K eps) * n`` divide ``ema_dw`` into the codebook.
+    counts ``(K,)`` and sums ``(K, D)`` come from :func:`residual_quantize` (``code_counts``/``code_sums``).
+    """
+    ema_cluster_size.mul_(decay).add_(counts.to(ema_cluster_size.dtype), alpha=1 - decay)
+    ema_dw.mul_(decay).add_(sums.to(ema_dw.dtype), alpha=1 - decay)
+    total = ema_cluster_size.sum()
+    smoothed = (ema_cluster_size + eps) / (total + codebook.shape[0] * eps) * total
+    codebook.copy_((ema_dw / smoothed.unsqueeze(1)).to(codebook.dtype))

@@ -1,0 +1,193 @@
+"""Drop-in modules for the seed's ``VQEmbedding``, ``VQEmbeddingEMA`` and ``ResidualVQ``.
+
+Same constructor arguments, forward signature, parameter and buffer names as the seed (so its
+``state_dict`` loads with ``strict=True``), computed by the fused quantizer.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .functional import GRAD_MODES, ema_update_, residual_quantize
+from .precision import resolve_precision
+
+
+def kmeans_centroids(data: torch.Tensor, num_codes: int, seed: Optional[int] = None):
+    """``(num_codes, D)`` fp32 centroids of ``data (N, D)`` and their ``(num_codes,)`` sizes.
+
+    As the seed: scikit-learn KMeans (``n_init='auto'``, 100 iterations); with fewer rows than codes,
+    rows drawn with replacement (each counted once).
+    """
+    from sklearn.cluster import KMeans
+
+    points = data.detach().float().cpu().numpy()
+    rng = np.random.default_rng(seed)
+    if points.shape[0] < num_codes:
+        picks = rng.choice(points.shape[0], num_codes, replace=True)
+        return torch.from_numpy(points[picks]), torch.ones(num_codes)
+    kmeans = KMeans(n_clusters=num_codes, n_init="auto", max_iter=100, random_state=seed).fit(points)
+    sizes = np.bincount(kmeans.labels_, minlength=num_codes).astype(np.float32)
+    return torch.from_numpy(kmeans.cluster_centers_.astype(np.float32)), torch.from_numpy(sizes)
+
+
+class VQEmbedding(nn.Module):
+    """One learned codebook ``embeddings (num_embeddings, embedding_dim)``.
+
+    ``forward(inputs (*, D)) -> (quantized (*, D), indices (*,) int64, loss 0-d)``.
+    """
+
+    ema = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, *,
+                 grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto",
+                 check_finite: bool = False):
+        super().__init__()
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        if precision is not None:
+            resolve_precision(precision)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.commitment_cost = commitment_cost
+        self.grad_mode = grad_mode
+        self.precision = precision
+        self.backend = backend
+        self.check_finite = check_finite
+        self.embeddings = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+        self.initialized_with_data = False
+
+    @torch.no_grad()
+    def initialize_from_data(self, data: torch.Tensor, seed: Optional[int] = None) -> None:
+        """Set the codebook to k-means centroids of ``data (N, D)``, once (as the seed)."""
+        if self.initialized_with_data:
+            return
+        centroids, sizes = kmeans_centroids(data, self.num_embeddings, seed)
+        self._load_centroids(centroids, sizes)
+        self.initialized_with_data = True
+
+    def _load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
+        self.embeddings.data.copy_(centroids.to(self.embeddings))
+
+    def quantize(self, inputs: torch.Tensor, commitment_cost: float, update: bool):
+        """Shared body of forward; ``update`` applies the EMA step (EMA layers only)."""
+        result = residual_quantize(
+            inputs, [self.embeddings], commitment_cost, grad_mode=self.grad_mode,
+            codebook_loss=not self.ema, precision=self.precision, backend=self.backend,
+            compute_stats=update, check_finite=self.check_finite)
+        return result
+
+    def forward(self, inputs: torch.Tensor):
+        update = self.ema and self.training
+        result = self.quantize(inputs, self.commitment_cost, update)
+        if update:
+            self.apply_ema(result.code_counts[0], result.code_sums[0])
+        return result.quantized, result.indices[..., 0], result.loss
+
+
+class VQEmbeddingEMA(VQEmbedding):
+    """One codebook moved by exponential moving averages (the seed's ``VQEmbeddingEMA``).
+
+    Buffers ``ema_cluster_size (K,)`` and ``ema_dw (K, D)``; updates only in training mode, after
+    the batch was assigned with the pre-update codebook. The loss holds the commitment term only.
+    """
+
+    ema = True
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 decay: float = 0.99, eps: float = 1e-5, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, **kwargs)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.eps = eps
+        self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
+        self.register_buffer("ema_dw", self.embeddings.detach().clone())
+
+    def _load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
+        # Start the averages from the data that formed the centroids, so the first update is smooth.
+        super()._load_centroids(centroids, sizes)
+        self.ema_cluster_size.copy_(sizes.to(self.ema_cluster_size))
+        self.ema_dw.copy_((centroids * sizes[:, None]).to(self.ema_dw))
+
+    def apply_ema(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """One EMA step from a batch's per-code ``counts (K,)`` and residual ``sums (K, D)``."""
+        ema_update_(self.embeddings.data, self.ema_cluster_size, self.ema_dw, counts, sums,
+                    self.decay, self.eps)
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantizer: layer ``l`` quantizes what layers ``< l`` left over.
+
+    ``forward(inputs (*, D), commitment_cost=None) -> (quantized (*, D), indices (*, L) int64,
+    loss 0-d)``; all layers run in one fused pass. A ``commitment_cost`` given to forward is stored
+    on every layer and used from then on, as in the seed.
+    """
+
+    def __init__(self, num_layers: int, num_embeddings_list: Sequence[int], embedding_dim: int,
+                 commitment_cost: float = 0.25, *, ema: bool = False, decay: float = 0.99,
+                 eps: float = 1e-5, grad_mode: str = "seed", precision: Optional[str] = None,
+                 backend: str = "auto", check_finite: bool = False):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if len(num_embeddings_list) < num_layers:
+            raise ValueError(
+                f"num_embeddings_list has {len(num_embeddings_list)} sizes for {num_layers} layers")
+        self.num_layers = num_layers
+        self.ema = ema
+        self.grad_mode = grad_mode
+        self.precision = precision
+        self.backend = backend
+        self.check_finite = check_finite
+        options = dict(grad_mode=grad_mode, precision=precision, backend=backend,
+                       check_finite=check_finite)
+        if ema:
+            layers = [VQEmbeddingEMA(num_embeddings_list[i], embedding_dim, commitment_cost, decay,
+                                     eps, **options) for i in range(num_layers)]
+        else:
+            layers = [VQEmbedding(num_embeddings_list[i], embedding_dim, commitment_cost, **options)
+                      for i in range(num_layers)]
+        self.vq_layers = nn.ModuleList(layers)
+
+    @property
+    def codebooks(self) -> List[torch.Tensor]:
+        """The ``(K_l, D)`` codebook parameters, layer by layer."""
+        return [layer.embeddings for layer in self.vq_layers]
+
+    def _commitment_cost(self) -> float:
+        costs = {float(layer.commitment_cost) for layer in self.vq_layers}
+        if len(costs) != 1:
+            raise ValueError(
+                f"the fused ResidualVQ uses one commitment cost for all layers, got {sorted(costs)}")
+        return costs.pop()
+
+    def quantize(self, inputs: torch.Tensor, compute_stats: Optional[bool] = None):
+        """The full :class:`~rqvae_fast.result.QuantizeResult` (per-layer losses, code counts, ...)."""
+        return residual_quantize(
+            inputs, self.codebooks, self._commitment_cost(), grad_mode=self.grad_mode,
+            codebook_loss=not self.ema, precision=self.precision, backend=self.backend,
+            compute_stats=compute_stats, check_finite=self.check_finite)
+
+    def forward(self, inputs: torch.Tensor, commitment_cost: Optional[float] = None):
+        if commitment_cost is not None:
+            for layer in self.vq_layers:
+                layer.commitment_cost = commitment_cost
+        update = self.ema and self.training
+        result = self.quantize(inputs, compute_stats=True if update else None)
+        if update and result.indices.numel() > 0:
+            for layer, counts, sums in zip(self.vq_layers, result.code_counts, result.code_sums):
+                layer.apply_ema(counts, sums)
+        return result.quantized, result.indices, result.loss
+
+    @torch.no_grad()
+    def initialize_from_data(self, data: torch.Tensor, seed: Optional[int] = None) -> None:
+        """k-means each codebook on the residuals the previous layers leave (the seed's method)."""
+        residual = data.detach().reshape(-1, data.shape[-1]).float().clone()
+        for layer in self.vq_layers:
+            layer.initialize_from_data(residual, seed=seed)
+            result = residual_quantize(residual, [layer.embeddings], 0.0, grad_mode=self.grad_mode,
+                                       precision=self.precision, backend=self.backend)
+            residual = residual - result.quantized

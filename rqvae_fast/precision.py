@@ -1,0 +1,27 @@
+"""Which arithmetic the distance matmul uses.
+
+Three choices, named as Triton names them:
+- ``"ieee"``: exact fp32 products and sums.
+- ``"tf32"``: TensorFloat-32 inputs, fp32 accumulation (near-ties can pick another code).
+- ``"bf16"``: bfloat16 inputs, fp32 accumulation.
+
+``None`` follows ``torch.get_float32_matmul_precision()``: "highest" -> ieee, "high" -> tf32,
+"medium" -> bf16. Only the nearest-code search uses it; losses, residuals and statistics are fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+PRECISIONS = ("ieee", "tf32", "bf16")
+_FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+
+
+def resolve_precision(precision: Optional[str]) -> str:
+    """Return one of ``PRECISIONS`` for a user setting (``None`` = follow torch)."""
+    if precision is None:
+        return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    return precision

@@ -1,0 +1,103 @@
+"""The PyTorch implementation of the fused forward and input gradient (CPU, or no Triton).
+
+Same contract, outputs and arithmetic as ``rqvae_fast.kernels``: rows are processed in chunks so the
+``(chunk, K_l)`` score matrix stays cache-sized and memory does not grow with N beyond the outputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+CHUNK_ROWS = 2048
+
+
+def residual_quantize_forward(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    sq_norms: torch.Tensor,
+    layer_sizes: Sequence[int],
+    *,
+    seed_residual: bool,
+    precision: str,
+    with_stats: bool,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See :func:`rqvae_fast.kernels.residual_quantize_forward` (same inputs and outputs)."""
+    n, dim = x.shape
+    num_layers = len(layer_sizes)
+    codes32 = codes.float()
+    codebooks = codes32.split(list(layer_sizes))
+    norms = sq_norms.split(list(layer_sizes))
+    if precision == "bf16":
+        codebooks_t = [c.bfloat16().t() for c in codebooks]
+    else:
+        codebooks_t = [c.t() for c in codebooks]
+    starts = [0]
+    for size in layer_sizes:
+        starts.append(starts[-1] + size)
+
+    quantized = torch.empty_like(x)
+    indices = torch.empty((n, num_layers), dtype=torch.int64, device=x.device)
+    sse = torch.zeros(num_layers, dtype=torch.float32, device=x.device)
+    k_total = codes.shape[0]
+    counts = torch.zeros(k_total if with_stats else 0, dtype=torch.float32, device=x.device)
+    sums = torch.zeros((k_total if with_stats else 0, dim), dtype=torch.float32, device=x.device)
+
+    for lo in range(0, n, chunk_rows):
+        hi = min(n, lo + chunk_rows)
+        x_chunk = x[lo:hi].float()
+        row_ok = torch.isfinite(x_chunk).all(dim=1)
+        residual = x_chunk
+        total = torch.zeros_like(x_chunk)
+        for layer in range(num_layers):
+            if precision == "bf16":
+                scores = torch.addmm(norms[layer], residual.bfloat16(), codebooks_t[layer], alpha=-2.0)
+            else:
+                scores = torch.addmm(norms[layer], residual, codebooks_t[layer], alpha=-2.0)
+            best = scores.argmin(dim=1)
+            chosen = codebooks[layer].index_select(0, best)
+            chosen = torch.where(row_ok[:, None], chosen, float("nan"))
+            err = chosen - residual
+            sse[layer] += (err * err).sum()
+            indices[lo:hi, layer] = torch.where(row_ok, best, -1)
+            if with_stats:
+                slot = best + starts[layer]
+                counts.index_add_(0, slot, row_ok.float())
+                sums.index_add_(0, slot, torch.where(row_ok[:, None], residual, 0.0))
+            if seed_residual:
+                straight_through = residual + err
+                total = total + straight_through
+                residual = residual - straight_through
+            else:
+                total = total + chosen
+                residual = residual - chosen
+        out = total if seed_residual else x_chunk + (total - x_chunk)
+        quantized[lo:hi] = out.to(x.dtype)
+    return quantized, indices, sse, counts, sums
+
+
+def residual_quantize_input_grad(
+    grad_out: Optional[torch.Tensor],
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    layer_sizes: Sequence[int],
+    indices: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    commit_layers: int,
+) -> torch.Tensor:
+    """See :func:`rqvae_fast.kernels.residual_quantize_input_grad`."""
+    codebooks = codes.float().split(list(layer_sizes))
+    residual = x.float()
+    direction = torch.zeros_like(residual)
+    for layer in range(commit_layers):
+        local = indices[:, layer]
+        ok = local >= 0
+        code = codebooks[layer].index_select(0, local.clamp(min=0))
+        residual = residual - torch.where(ok[:, None], code, float("nan"))
+        direction += residual
+    grad = coef * direction
+    if grad_out is not None:
+        grad = grad + grad_out.float()
+    return grad.to(x.dtype)

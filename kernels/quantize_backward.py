@@ -1,9 +1,9 @@
 """Input gradient of the fused residual quantizer: one elementwise pass.
 
-``grad_x = grad_quantized + coef * sum_{l < COMMIT_LAYERS} (r_l - e_l)`` with ``coef = dL/dloss *
-2 * beta / (N * D)`` read from device memory (no host sync). The seed's routing lets only layer 0's
+``grad_x = s * grad_quantized + sum_{l < COMMIT_LAYERS} coef_l * (r_l - e_l)`` with ``coef_l =
+dL/dloss_l * 2 * beta / (N * D)`` read from device memory (no host sync). The seed's routing lets only layer 0's
 commitment term reach the input (``COMMIT_LAYERS = 1``); the standard RQ-VAE routing lets all of
-them (``COMMIT_LAYERS = L``). Residuals are rebuilt from the saved indices with the forward's own
+them (``COMMIT_LAYERS = L``). ``s`` is 1, or L for the per-layer straight-through routing. Residuals are rebuilt from the saved indices with the forward's own
 arithmetic (``r_{l+1} = r_l - e_l``), so nothing ``(N, L, D)``-sized is kept between the passes.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ def _residual_quantize_input_grad_kernel(
     codes_ptr,        # (K_total, D) stacked codebooks
     layer_start_ptr,  # (L + 1,) int32
     idx_ptr,          # (N, L) int64 layer-local indices from the forward (-1: non-finite row)
-    coef_ptr,         # () fp32 gradient scale of the commitment terms
+    coef_ptr,         # (L,) fp32 gradient scale of each layer's commitment term
     grad_x_ptr,       # (N, D) output, dtype of x
+    grad_out_scale,   # fp32 multiplier of grad_out
     N,
     D,
     NUM_LAYERS: tl.constexpr,
@@ -51,11 +52,11 @@ def _residual_quantize_input_grad_kernel(
         code = tl.load(codes_ptr + (local + k_start)[:, None] * D + dims[None, :],
                        mask=ok[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
         residual = residual - tl.where(ok[:, None], code, float("nan"))
-        direction += residual  # r_l - e_l, the commitment term's direction for layer l
+        direction += tl.load(coef_ptr + layer) * residual  # r_l - e_l: layer l's commitment direction
 
-    grad = tl.load(coef_ptr) * direction
+    grad = direction
     if HAS_GRAD_OUT:
-        grad += tl.load(grad_out_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        grad += grad_out_scale * tl.load(grad_out_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     tl.store(grad_x_ptr + offsets, grad.to(grad_x_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -68,6 +69,7 @@ def residual_quantize_input_grad(
     coef: torch.Tensor,
     *,
     commit_layers: int,
+    grad_out_scale: float = 1.0,
 ) -> torch.Tensor:
     """``(N, D)`` gradient of the input, in x's dtype; see the module docstring."""
     n, dim = x.shape
@@ -77,7 +79,7 @@ def residual_quantize_input_grad(
         grid = (triton.cdiv(n, cfg.block_m),)
         _residual_quantize_input_grad_kernel[grid](
             grad_out if grad_out is not None else x, x, codes, layer_starts, indices, coef, grad_x,
-            n, dim, NUM_LAYERS=indices.shape[1], COMMIT_LAYERS=commit_layers,
+            float(grad_out_scale), n, dim, NUM_LAYERS=indices.shape[1], COMMIT_LAYERS=commit_layers,
             HAS_GRAD_OUT=grad_out is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps,
         )

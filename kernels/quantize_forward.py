@@ -34,7 +34,7 @@ def _residual_quantize_fwd_kernel(
     N,
     D,
     NUM_LAYERS: tl.constexpr,
-    SEED_RESIDUAL: tl.constexpr,  # r_{l+1} = r_l - (r_l + (e_l - r_l)) as the seed; else r_l - e_l
+    ROUTING: tl.constexpr,        # 0 seed, 1 full, 2 layer_ste (see rqvae_fast.routing)
     WITH_STATS: tl.constexpr,
     PRECISION: tl.constexpr,      # "ieee" | "tf32" | "bf16"
     BLOCK_M: tl.constexpr,
@@ -98,18 +98,21 @@ def _residual_quantize_fwd_kernel(
             tl.atomic_add(sum_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :], residual,
                           mask=code_mask)
 
-        if SEED_RESIDUAL:
+        if ROUTING == 0:    # seed: the next residual subtracts the straight-through output
             straight_through = residual + err
             total = total + straight_through
             residual = residual - straight_through
-        else:
+        elif ROUTING == 1:  # full: one straight-through estimator on the total, below
             total = total + chosen
             residual = residual - chosen
+        else:               # layer_ste: a straight-through output per layer, detached residual
+            total = total + (residual + err)
+            residual = residual - chosen
 
-    if SEED_RESIDUAL:
-        out = total
-    else:
+    if ROUTING == 1:
         out = x + (total - x)
+    else:
+        out = total
     tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -120,7 +123,7 @@ def residual_quantize_forward(
     layer_starts: torch.Tensor,
     layer_sizes: Sequence[int],
     *,
-    seed_residual: bool,
+    routing: int,
     precision: str,
     with_stats: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +147,7 @@ def residual_quantize_forward(
     if n > 0:
         _residual_quantize_fwd_kernel[grid](
             x, codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
-            NUM_LAYERS=num_layers, SEED_RESIDUAL=seed_residual, WITH_STATS=with_stats,
+            NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats,
             PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps,
         )

@@ -1,15 +1,21 @@
-"""Choose between the Triton kernels and the PyTorch path, and call either with one contract."""
+"""The fused passes as ``torch.library`` custom ops, dispatching to Triton or to PyTorch.
+
+``rqvae_fast::quantize_forward`` and ``rqvae_fast::quantize_input_grad`` have fake (meta)
+implementations, so ``torch.compile`` (``fullgraph=True``) and ``torch.export`` trace through them
+without graph breaks; autograd is defined around them in :mod:`rqvae_fast.autograd`.
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from . import torch_backend
 from ._triton_available import HAS_TRITON, interpreter_enabled
 
 BACKENDS = ("auto", "triton", "torch")
-_layer_start_cache: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+_layer_starts: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
@@ -30,42 +36,75 @@ def use_triton(backend: str, device: torch.device) -> bool:
     )
 
 
-def layer_starts(layer_sizes: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``(L + 1,)`` int32 prefix sums of the codebook sizes on ``device``, cached (no copy per step)."""
-    key = (tuple(layer_sizes), device)
-    starts = _layer_start_cache.get(key)
+def layer_starts(layer_sizes: Sequence[int], device: torch.device) -> Tensor:
+    """``(L + 1,)`` int32 offsets of each codebook in the stacked ``codes``, built once per device
+    (no host-to-device copy per step, so steps stay CUDA-graph capturable)."""
+    key = (tuple(int(s) for s in layer_sizes), device)
+    starts = _layer_starts.get(key)
     if starts is None:
         prefix = [0]
-        for size in layer_sizes:
-            prefix.append(prefix[-1] + int(size))
-        starts = torch.tensor(prefix, dtype=torch.int32, device=device)
-        _layer_start_cache[key] = starts
+        for size in key[0]:
+            prefix.append(prefix[-1] + size)
+        starts = _layer_starts[key] = torch.tensor(prefix, dtype=torch.int32, device=device)
     return starts
 
 
-def forward(x, codes, layer_sizes, *, triton_path: bool, seed_residual: bool, precision: str,
-            with_stats: bool):
-    """Fused forward: ``(quantized, indices, sse (L,), counts (K_total,), sums (K_total, D))``."""
-    sq_norms = codes.float().pow(2).sum(dim=1)
-    if triton_path:
-        from .kernels import residual_quantize_forward
+@torch.library.custom_op("rqvae_fast::quantize_forward", mutates_args=())
+def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
+                     triton_path: bool, with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward over all layers.
 
-        return residual_quantize_forward(
-            x, codes, sq_norms, layer_starts(layer_sizes, x.device), layer_sizes,
-            seed_residual=seed_residual, precision=precision, with_stats=with_stats)
-    return torch_backend.residual_quantize_forward(
-        x, codes, sq_norms, layer_sizes, seed_residual=seed_residual, precision=precision,
-        with_stats=with_stats)
+    x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous. Returns ``quantized (N, D)`` (x's
+    dtype), ``indices (N, L)`` int64, ``sse (L,)`` fp32 (sum of squared code errors per layer),
+    ``counts (K_total,)`` and ``sums (K_total, D)`` fp32 (``(0,)``/``(0, D)`` without stats).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        sq_norms = codes.float().pow(2).sum(dim=1)
+        if triton_path:
+            from .kernels import residual_quantize_forward
+
+            return residual_quantize_forward(
+                x, codes, sq_norms, layer_starts(layer_sizes, x.device), layer_sizes,
+                routing=routing, precision=precision, with_stats=with_stats)
+        return torch_backend.residual_quantize_forward(
+            x, codes, sq_norms, layer_sizes, routing=routing, precision=precision,
+            with_stats=with_stats)
 
 
-def input_grad(grad_out: Optional[torch.Tensor], x, codes, layer_sizes, indices, coef, *,
-               triton_path: bool, commit_layers: int) -> torch.Tensor:
-    """``(N, D)`` input gradient from the saved indices (elementwise, one pass)."""
-    if triton_path:
-        from .kernels import residual_quantize_input_grad
+@quantize_forward.register_fake
+def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_path, with_stats):
+    n, dim = x.shape
+    k_total = codes.shape[0] if with_stats else 0
+    return (
+        torch.empty_like(x),
+        x.new_empty((n, len(layer_sizes)), dtype=torch.int64),
+        x.new_empty((len(layer_sizes),), dtype=torch.float32),
+        x.new_empty((k_total,), dtype=torch.float32),
+        x.new_empty((k_total, dim), dtype=torch.float32),
+    )
 
-        return residual_quantize_input_grad(
-            grad_out, x, codes, layer_starts(layer_sizes, x.device), indices, coef,
-            commit_layers=commit_layers)
-    return torch_backend.residual_quantize_input_grad(
-        grad_out, x, codes, layer_sizes, indices, coef, commit_layers=commit_layers)
+
+@torch.library.custom_op("rqvae_fast::quantize_input_grad", mutates_args=())
+def quantize_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
+                        indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
+                        grad_out_scale: float) -> Tensor:
+    """``(N, D)`` input gradient rebuilt from the saved indices in one elementwise pass.
+
+    ``grad_out_scale * grad_out + sum_{l < commit_layers} coef[l] * (r_l - e_l)``; coef ``(L,)`` fp32.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if triton_path:
+            from .kernels import residual_quantize_input_grad
+
+            return residual_quantize_input_grad(
+                grad_out, x, codes, layer_starts(layer_sizes, x.device), indices, coef,
+                commit_layers=commit_layers, grad_out_scale=grad_out_scale)
+        return torch_backend.residual_quantize_input_grad(
+            grad_out, x, codes, layer_sizes, indices, coef, commit_layers=commit_layers,
+            grad_out_scale=grad_out_scale)
+
+
+@quantize_input_grad.register_fake
+def _quantize_input_grad_fake(grad_out, x, codes, layer_sizes, indices, coef, triton_path,
+                              commit_layers, grad_out_scale):
+    return torch.empty_like(x)

@@ -15,8 +15,7 @@ from ._validation import check_inputs
 from .autograd import ResidualQuantizeFunction
 from .precision import resolve_precision
 from .result import QuantizeResult
-
-GRAD_MODES = ("seed", "full")
+from .routing import routing_id
 
 
 def residual_quantize(
@@ -33,7 +32,8 @@ def residual_quantize(
 ) -> QuantizeResult:
     """Quantize ``x (*, D)`` through codebooks ``(K_l, D)`` in one fused pass.
 
-    - ``grad_mode``: ``"seed"`` (the seed document's routing) or ``"full"`` (standard RQ-VAE); see README.
+    - ``grad_mode``: ``"seed"`` (the seed document's routing), ``"full"`` (standard RQ-VAE) or
+      ``"layer_ste"`` (vector-quantize-pytorch's); see :mod:`rqvae_fast.routing`.
     - ``codebook_loss``: include ``mse(e_l, sg(r_l))`` in the loss and give codebooks a gradient.
       ``False`` for EMA codebooks (loss = commitment terms only).
     - ``precision``: ``None`` (follow ``torch.get_float32_matmul_precision()``), ``"ieee"``, ``"tf32"``
@@ -46,8 +46,7 @@ def residual_quantize(
     Nothing passed in is modified.
     """
     check_inputs(x, codebooks)
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    routing = routing_id(grad_mode)
     precision = resolve_precision(precision)
     triton_path = _backend.use_triton(backend, x.device)
 
@@ -66,8 +65,8 @@ def residual_quantize(
                            and any(c.requires_grad for c in codebooks))
     with_stats = needs_codebook_grad if compute_stats is None else (compute_stats or needs_codebook_grad)
 
-    quantized, indices, loss, layer_losses, counts, sums = ResidualQuantizeFunction.apply(
-        x2d, codes, layer_sizes, float(commitment_cost), grad_mode == "seed", codebook_loss,
+    quantized, indices, layer_losses, counts, sums = ResidualQuantizeFunction.apply(
+        x2d, codes, layer_sizes, float(commitment_cost), routing, codebook_loss,
         precision, triton_path, with_stats)
     if with_stats:
         code_counts = tuple(counts.split(list(layer_sizes)))
@@ -77,7 +76,7 @@ def residual_quantize(
     return QuantizeResult(
         quantized=quantized.reshape(x.shape),
         indices=indices.reshape(*lead_shape, len(layer_sizes)),
-        loss=loss,
+        loss=layer_losses.sum(),
         layer_losses=layer_losses,
         code_counts=code_counts,
         code_sums=code_sums,

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .functional import GRAD_MODES, ema_update_, residual_quantize
+from . import distributed
+from .functional import ema_update_, residual_quantize
+from .routing import routing_id
 from .precision import resolve_precision
 
 
@@ -45,8 +47,7 @@ class VQEmbedding(nn.Module):
                  grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto",
                  check_finite: bool = False):
         super().__init__()
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        routing_id(grad_mode)  # validates
         if precision is not None:
             resolve_precision(precision)
         self.num_embeddings = num_embeddings
@@ -124,12 +125,19 @@ class ResidualVQ(nn.Module):
     ``forward(inputs (*, D), commitment_cost=None) -> (quantized (*, D), indices (*, L) int64,
     loss 0-d)``; all layers run in one fused pass. A ``commitment_cost`` given to forward is stored
     on every layer and used from then on, as in the seed.
+
+    Beyond the seed's arguments: ``ema``/``decay``/``eps`` (EMA codebooks, the seed's
+    ``VQEmbeddingEMA``), ``grad_mode`` (``"seed"``, ``"full"``, ``"layer_ste"``), ``precision`` and
+    ``backend`` (see :func:`rqvae_fast.functional.residual_quantize`), ``check_finite`` (raise on
+    NaN/Inf rows) and ``sync_codebook`` (all-reduce EMA statistics across ranks; ``None``: when a
+    process group with more than one rank is initialised).
     """
 
     def __init__(self, num_layers: int, num_embeddings_list: Sequence[int], embedding_dim: int,
                  commitment_cost: float = 0.25, *, ema: bool = False, decay: float = 0.99,
                  eps: float = 1e-5, grad_mode: str = "seed", precision: Optional[str] = None,
-                 backend: str = "auto", check_finite: bool = False):
+                 backend: str = "auto", check_finite: bool = False,
+                 sync_codebook: Optional[bool] = None):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -142,6 +150,7 @@ class ResidualVQ(nn.Module):
         self.precision = precision
         self.backend = backend
         self.check_finite = check_finite
+        self.sync_codebook = sync_codebook
         options = dict(grad_mode=grad_mode, precision=precision, backend=backend,
                        check_finite=check_finite)
         if ema:
@@ -177,9 +186,15 @@ class ResidualVQ(nn.Module):
                 layer.commitment_cost = commitment_cost
         update = self.ema and self.training
         result = self.quantize(inputs, compute_stats=True if update else None)
-        if update and result.indices.numel() > 0:
-            for layer, counts, sums in zip(self.vq_layers, result.code_counts, result.code_sums):
-                layer.apply_ema(counts, sums)
+        if update:
+            counts, sums = result.code_counts, result.code_sums
+            if distributed.should_sync(self.sync_codebook):
+                # One collective for all layers, on every rank (an empty batch adds zeros).
+                counts, sums = distributed.all_reduce_code_stats(counts, sums)
+            elif result.indices.numel() == 0:
+                counts = ()  # nothing seen on a single process: leave the averages alone
+            for layer, layer_counts, layer_sums in zip(self.vq_layers, counts, sums):
+                layer.apply_ema(layer_counts, layer_sums)
         return result.quantized, result.indices, result.loss
 
     @torch.no_grad()

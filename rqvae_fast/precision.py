@@ -18,10 +18,20 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
+def _torch_matmul_precision() -> str:
+    return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
+
+
+# torch.compile reads the global setting once at trace time instead of breaking the graph.
+_assume_constant = getattr(torch.compiler, "assume_constant_result", None) or getattr(
+    torch._dynamo, "assume_constant_result", lambda fn: fn)
+_torch_matmul_precision = _assume_constant(_torch_matmul_precision)
+
+
 def resolve_precision(precision: Optional[str]) -> str:
     """Return one of ``PRECISIONS`` for a user setting (``None`` = follow torch)."""
     if precision is None:
-        return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
+        return _torch_matmul_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
     return precision

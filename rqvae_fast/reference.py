@@ -9,6 +9,7 @@ code, ``sg`` stop-gradient, ``beta`` the commitment cost.
 - ``grad_mode="seed"``: ``q_l = r_l + sg(e_l - r_l)`` (STE), ``r_{l+1} = r_l - q_l``,
   output ``sum_l q_l``. Because ``r_{l+1}`` subtracts the STE output it carries no gradient.
 - ``grad_mode="full"``: ``r_{l+1} = r_l - sg(e_l)``, output ``x + sg(sum_l e_l - x)``.
+- ``grad_mode="layer_ste"``: ``r_{l+1} = r_l - sg(e_l)``, output ``sum_l (r_l + sg(e_l - r_l))``.
 
 Loss per layer: ``mse(e_l, sg(r_l))`` (codebook term, dropped when ``codebook_loss=False``) plus
 ``beta * mse(r_l, sg(e_l))`` (commitment term). Rows holding NaN/Inf get index -1, a NaN output
@@ -50,8 +51,8 @@ def residual_quantize_reference(
     precision: str | None = "ieee",
 ) -> QuantizeResult:
     """Quantize ``x`` ``(*, D)`` through ``L`` codebooks ``(K_l, D)``; see the module docstring."""
-    if grad_mode not in ("seed", "full"):
-        raise ValueError(f"grad_mode must be 'seed' or 'full', got {grad_mode!r}")
+    if grad_mode not in ("seed", "full", "layer_ste"):
+        raise ValueError(f"grad_mode must be 'seed', 'full' or 'layer_ste', got {grad_mode!r}")
     precision = resolve_precision(precision)
     lead_shape, dim = x.shape[:-1], x.shape[-1]
     inputs = x.reshape(-1, dim).float()
@@ -72,7 +73,7 @@ def residual_quantize_reference(
         commitment = commitment_cost * _mse(residual, code.detach())
         layer_loss = commitment + (_mse(code, residual.detach()) if codebook_loss else 0.0)
         loss = loss + layer_loss
-        layer_losses.append(layer_loss.detach())
+        layer_losses.append(layer_loss)
 
         one_hot = F.one_hot(index.clamp(min=0), codebook.shape[0]).float() * finite_row[:, None]
         counts.append(one_hot.sum(dim=0))
@@ -82,9 +83,12 @@ def residual_quantize_reference(
             quantized = residual + (code - residual).detach()
             residual = residual - quantized
             code_total = code_total + quantized
-        else:
+        elif grad_mode == "full":
             residual = residual - code.detach()
             code_total = code_total + code.detach()
+        else:
+            code_total = code_total + (residual + (code - residual).detach())
+            residual = residual - code.detach()
         indices.append(index)
 
     if grad_mode == "full":

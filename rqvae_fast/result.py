@@ -12,7 +12,7 @@ class QuantizeResult(NamedTuple):
     - ``quantized``: ``(*, D)`` in the input's dtype, the sum of the chosen codes (with the STE).
     - ``indices``: ``(*, L)`` int64; ``-1`` in every layer for a row holding NaN/Inf.
     - ``loss``: 0-d fp32, differentiable; the sum of ``layer_losses``.
-    - ``layer_losses``: ``(L,)`` fp32, detached; layer l adds ``w * mean((r_l - e_l)^2)`` with
+    - ``layer_losses``: ``(L,)`` fp32, differentiable (weight layers as you like); layer l adds ``w * mean((r_l - e_l)^2)`` with
       ``w = 1 + beta`` (codebook + commitment) or ``w = beta`` (commitment only, EMA codebooks).
     - ``code_counts``: per layer, ``(K_l,)`` fp32: how many finite rows chose each code.
     - ``code_sums``: per layer, ``(K_l, D)`` fp32: the sum of the residuals ``r_l`` that chose each code.

@@ -9,6 +9,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .routing import FULL, SEED
+
 CHUNK_ROWS = 2048
 
 
@@ -18,7 +20,7 @@ def residual_quantize_forward(
     sq_norms: torch.Tensor,
     layer_sizes: Sequence[int],
     *,
-    seed_residual: bool,
+    routing: int,
     precision: str,
     with_stats: bool,
     chunk_rows: int = CHUNK_ROWS,
@@ -65,14 +67,17 @@ def residual_quantize_forward(
                 slot = best + starts[layer]
                 counts.index_add_(0, slot, row_ok.float())
                 sums.index_add_(0, slot, torch.where(row_ok[:, None], residual, 0.0))
-            if seed_residual:
+            if routing == SEED:
                 straight_through = residual + err
                 total = total + straight_through
                 residual = residual - straight_through
-            else:
+            elif routing == FULL:
                 total = total + chosen
                 residual = residual - chosen
-        out = total if seed_residual else x_chunk + (total - x_chunk)
+            else:
+                total = total + (residual + err)
+                residual = residual - chosen
+        out = x_chunk + (total - x_chunk) if routing == FULL else total
         quantized[lo:hi] = out.to(x.dtype)
     return quantized, indices, sse, counts, sums
 
@@ -86,6 +91,7 @@ def residual_quantize_input_grad(
     coef: torch.Tensor,
     *,
     commit_layers: int,
+    grad_out_scale: float = 1.0,
 ) -> torch.Tensor:
     """See :func:`rqvae_fast.kernels.residual_quantize_input_grad`."""
     codebooks = codes.float().split(list(layer_sizes))
@@ -96,8 +102,8 @@ def residual_quantize_input_grad(
         ok = local >= 0
         code = codebooks[layer].index_select(0, local.clamp(min=0))
         residual = residual - torch.where(ok[:, None], code, float("nan"))
-        direction += residual
-    grad = coef * direction
+        direction += coef[layer] * residual
+    grad = direction
     if grad_out is not None:
-        grad = grad + grad_out.float()
+        grad = grad + grad_out.float() * grad_out_scale
     return grad.to(x.dtype)

@@ -1,0 +1,35 @@
+"""Gradient routings (``grad_mode``) and what each means for the fused passes.
+
+With ``r_0 = x``, chosen code ``e_l``, stop-gradient ``sg`` and commitment cost ``beta``:
+
+- ``"seed"``: the seed document's code. ``q_l = r_l + sg(e_l - r_l)``, ``r_{l+1} = r_l - q_l``,
+  output ``sum_l q_l``. ``r_{l+1}`` carries no gradient, so d output / dx = I and only layer 0's
+  commitment term reaches x.
+- ``"full"``: standard RQ-VAE (Lee et al. 2022; TIGER). ``r_{l+1} = r_l - sg(e_l)``, output
+  ``x + sg(sum_l e_l - x)``; d output / dx = I and every layer's commitment term reaches x.
+- ``"layer_ste"``: vector-quantize-pytorch's ``ResidualVQ`` (``rotation_trick=False``).
+  ``r_{l+1} = r_l - sg(e_l)``, output ``sum_l (r_l + sg(e_l - r_l))``; d output / dx = L * I and
+  every layer's commitment term reaches x.
+"""
+from __future__ import annotations
+
+SEED, FULL, LAYER_STE = 0, 1, 2
+GRAD_MODES = {"seed": SEED, "full": FULL, "layer_ste": LAYER_STE}
+
+
+def routing_id(grad_mode: str) -> int:
+    """The kernels' integer code for a ``grad_mode`` name."""
+    try:
+        return GRAD_MODES[grad_mode]
+    except KeyError:
+        raise ValueError(f"grad_mode must be one of {tuple(GRAD_MODES)}, got {grad_mode!r}") from None
+
+
+def commit_layers(routing: int, num_layers: int) -> int:
+    """How many layers' commitment terms reach the input."""
+    return 1 if routing == SEED else num_layers
+
+
+def grad_out_scale(routing: int, num_layers: int) -> float:
+    """d output / d input, as a multiple of the identity."""
+    return float(num_layers) if routing == LAYER_STE else 1.0

@@ -37,6 +37,7 @@ def _residual_quantize_fwd_kernel(
     ROUTING: tl.constexpr,        # 0 seed, 1 full, 2 layer_ste (see rqvae_fast.routing)
     WITH_STATS: tl.constexpr,
     PRECISION: tl.constexpr,      # "ieee" | "tf32" | "bf16"
+    BF16_AS_FP32: tl.constexpr,   # bf16-rounded operands, fp32 dot (the interpreter's bf16 dot is wrong)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -51,6 +52,8 @@ def _residual_quantize_fwd_kernel(
     x = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     bad = (x != x) | (tl.abs(x) == float("inf"))
     row_ok = row_in & (tl.max(bad.to(tl.int32), axis=1) == 0)
+    # Non-finite rows run on zeros (so every score stays finite) and are marked at the end.
+    x = tl.where(row_ok[:, None], x, 0.0)
 
     residual = x
     total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -61,17 +64,23 @@ def _residual_quantize_fwd_kernel(
         # --- nearest code: running min over codebook tiles -----------------------------------
         if PRECISION == "bf16":
             lhs = residual.to(tl.bfloat16)
+            if BF16_AS_FP32:
+                lhs = lhs.to(tl.float32)
         else:
             lhs = residual
         best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-        best_idx = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        best_idx = tl.zeros((BLOCK_M,), dtype=tl.int32) + k_start
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_in = ks < k_end
             codes = tl.load(codes_ptr + ks[:, None] * D + dims[None, :],
                             mask=k_in[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
             if PRECISION == "bf16":
-                dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16)))
+                if BF16_AS_FP32:  # products of bf16 values are exact in fp32
+                    dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16).to(tl.float32)),
+                                  input_precision="ieee")
+                else:
+                    dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16)))
             else:
                 dots = tl.dot(lhs, tl.trans(codes), input_precision=PRECISION)
             sq_norm = tl.load(sq_norm_ptr + ks, mask=k_in, other=0.0)
@@ -82,13 +91,12 @@ def _residual_quantize_fwd_kernel(
             best = tl.where(better, tile_best, best)
             best_idx = tl.where(better, tile_idx, best_idx)
 
-        # --- gather, residual update, loss partial ----------------------------------------------
+        # --- gather, residual update, loss partial, statistics ---------------------------------
         code_mask = row_ok[:, None] & dim_in[None, :]
         chosen = tl.load(codes_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :],
                          mask=code_mask, other=0.0).to(tl.float32)
-        chosen = tl.where(row_ok[:, None], chosen, float("nan"))
         err = chosen - residual
-        row_sse = tl.sum(err * err, axis=1)
+        row_sse = tl.where(row_ok, tl.sum(err * err, axis=1), float("nan"))
         tl.store(sse_ptr + pid * NUM_LAYERS + layer, tl.sum(tl.where(row_in, row_sse, 0.0), axis=0))
         local_idx = tl.where(row_ok, best_idx - k_start, -1)
         tl.store(idx_ptr + rows * NUM_LAYERS + layer, local_idx.to(tl.int64), mask=row_in)
@@ -113,6 +121,7 @@ def _residual_quantize_fwd_kernel(
         out = x + (total - x)
     else:
         out = total
+    out = tl.where(row_ok[:, None], out, float("nan"))
     tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -148,7 +157,7 @@ def residual_quantize_forward(
         _residual_quantize_fwd_kernel[grid](
             x, codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
             NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats,
-            PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+            PRECISION=precision, BF16_AS_FP32=x.device.type == "cpu", BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps,
         )
     if not with_stats:

@@ -4,7 +4,16 @@ from __future__ import annotations
 import importlib.util
 import os
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # blocked import hooks, or sys.modules["triton"] = None
+        return False
+
+
+HAS_TRITON = _find_triton()
 
 
 def interpreter_enabled() -> bool:

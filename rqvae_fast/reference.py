@@ -34,8 +34,8 @@ def nearest_code(residual: torch.Tensor, codebook: torch.Tensor, precision: str)
     """
     codebook = codebook.float()
     sq_norms = (codebook * codebook).sum(dim=1)
-    if precision == "bf16":
-        dots = (residual.bfloat16() @ codebook.bfloat16().t()).float()
+    if precision == "bf16":  # bf16 operands, fp32 products and sums
+        dots = residual.bfloat16().float() @ codebook.bfloat16().float().t()
     else:
         dots = residual @ codebook.t()
     return torch.argmin(sq_norms - 2.0 * dots, dim=1)
@@ -49,8 +49,13 @@ def residual_quantize_reference(
     grad_mode: str = "seed",
     codebook_loss: bool = True,
     precision: str | None = "ieee",
+    indices: torch.Tensor | None = None,
 ) -> QuantizeResult:
-    """Quantize ``x`` ``(*, D)`` through ``L`` codebooks ``(K_l, D)``; see the module docstring."""
+    """Quantize ``x`` ``(*, D)`` through ``L`` codebooks ``(K_l, D)``; see the module docstring.
+
+    ``indices (*, L)``, if given, replaces the nearest-code search (everything else is computed
+    from that assignment): tests use it to check another path's values for the codes it chose.
+    """
     if grad_mode not in ("seed", "full", "layer_ste"):
         raise ValueError(f"grad_mode must be 'seed', 'full' or 'layer_ste', got {grad_mode!r}")
     precision = resolve_precision(precision)
@@ -60,12 +65,16 @@ def residual_quantize_reference(
 
     residual = inputs
     code_total = torch.zeros_like(inputs)
-    indices: List[torch.Tensor] = []
+    forced = None if indices is None else indices.reshape(-1, len(codebooks))
+    chosen_indices: List[torch.Tensor] = []
     layer_losses, counts, sums = [], [], []
     loss = inputs.new_zeros(())
-    for codebook in codebooks:
+    for layer, codebook in enumerate(codebooks):
         codebook = codebook.float()
-        index = nearest_code(residual.detach(), codebook, precision)
+        if forced is None:
+            index = nearest_code(residual.detach(), codebook, precision)
+        else:
+            index = forced[:, layer].to(torch.long)
         index = torch.where(finite_row, index, torch.full_like(index, -1))
         code = codebook[index.clamp(min=0)]
         code = torch.where(finite_row[:, None], code, torch.full_like(code, float("nan")))
@@ -89,14 +98,13 @@ def residual_quantize_reference(
         else:
             code_total = code_total + (residual + (code - residual).detach())
             residual = residual - code.detach()
-        indices.append(index)
+        chosen_indices.append(index)
 
     if grad_mode == "full":
         code_total = inputs + (code_total - inputs).detach()
     return QuantizeResult(
         quantized=code_total.to(x.dtype).reshape(x.shape),
-        indices=torch.stack(indices, dim=1).reshape(*lead_shape, len(indices))
-        if indices else inputs.new_zeros((*lead_shape, 0), dtype=torch.long),
+        indices=torch.stack(chosen_indices, dim=1).reshape(*lead_shape, len(chosen_indices)),
         loss=loss,
         layer_losses=torch.stack(layer_losses) if layer_losses else inputs.new_zeros(0),
         code_counts=tuple(counts),

@@ -11,7 +11,7 @@ import torch
 
 from .routing import FULL, SEED
 
-CHUNK_ROWS = 2048
+CHUNK_ROWS = 8192
 
 
 def residual_quantize_forward(
@@ -23,18 +23,18 @@ def residual_quantize_forward(
     routing: int,
     precision: str,
     with_stats: bool,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`rqvae_fast.kernels.residual_quantize_forward` (same inputs and outputs)."""
     n, dim = x.shape
     num_layers = len(layer_sizes)
+    chunk_rows = chunk_rows or CHUNK_ROWS
     codes32 = codes.float()
     codebooks = codes32.split(list(layer_sizes))
     norms = sq_norms.split(list(layer_sizes))
-    if precision == "bf16":
-        codebooks_t = [c.bfloat16().t() for c in codebooks]
-    else:
-        codebooks_t = [c.t() for c in codebooks]
+    # bf16: operands rounded to bf16, products and sums in fp32 (as bf16 tensor cores do).
+    bf16 = precision == "bf16"
+    codebooks_t = [(c.bfloat16().float() if bf16 else c).t() for c in codebooks]
     starts = [0]
     for size in layer_sizes:
         starts.append(starts[-1] + size)
@@ -53,10 +53,8 @@ def residual_quantize_forward(
         residual = x_chunk
         total = torch.zeros_like(x_chunk)
         for layer in range(num_layers):
-            if precision == "bf16":
-                scores = torch.addmm(norms[layer], residual.bfloat16(), codebooks_t[layer], alpha=-2.0)
-            else:
-                scores = torch.addmm(norms[layer], residual, codebooks_t[layer], alpha=-2.0)
+            lhs = residual.bfloat16().float() if bf16 else residual
+            scores = torch.addmm(norms[layer], lhs, codebooks_t[layer], alpha=-2.0)
             best = scores.argmin(dim=1)
             chosen = codebooks[layer].index_select(0, best)
             chosen = torch.where(row_ok[:, None], chosen, float("nan"))

@@ -1,0 +1,75 @@
+"""Triton kernels (interpreter on CPU, real on GPU) versus the reference oracle."""
+import pytest
+import torch
+
+from conftest import DEVICE, requires_triton
+from helpers import check_parity, make_problem, run_step
+from rqvae_fast import residual_quantize
+
+pytestmark = requires_triton
+
+# (N, D, codebook sizes per layer): N not a multiple of the 64-row block, non-power-of-two D,
+# K not multiples of the code tile, different sizes per layer, L in {1, 2, 4, 8}.
+CASES = [
+    (1, 8, (33,)),
+    (17, 20, (33, 48)),
+    (1001, 32, (48, 33, 1000, 20)),
+    (17, 100, (1000, 33)),
+    (257, 100, (33, 48, 20, 64, 17, 33, 48, 20)),
+    (1001, 8, (256, 256)),
+]
+
+
+@pytest.mark.parametrize("grad_mode", ["seed", "full", "layer_ste"])
+@pytest.mark.parametrize("n,dim,sizes", CASES)
+def test_matches_reference(poison, n, dim, sizes, grad_mode):
+    x, books = make_problem(n, dim, sizes, seed=n + dim, device=DEVICE)
+    step = run_step(residual_quantize, x, books, commitment_cost=0.3, grad_mode=grad_mode,
+                    backend="triton", precision="ieee", compute_stats=True)
+    check_parity(step, x, books, commitment_cost=0.3, grad_mode=grad_mode)
+
+
+@pytest.mark.parametrize("grad_mode", ["seed", "full"])
+@pytest.mark.parametrize("n,dim,sizes", [CASES[1], CASES[2]])
+def test_commitment_only_loss_matches_reference(poison, n, dim, sizes, grad_mode):
+    """EMA codebooks: the loss holds commitment terms only and codebooks get no gradient."""
+    x, books = make_problem(n, dim, sizes, seed=3, device=DEVICE)
+    step = run_step(residual_quantize, x, books, commitment_cost=0.25, grad_mode=grad_mode,
+                    codebook_loss=False, backend="triton", precision="ieee", compute_stats=True)
+    check_parity(step, x, books, commitment_cost=0.25, grad_mode=grad_mode, codebook_loss=False)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_reduced_precision_picks_near_optimal_codes(poison, precision):
+    x, books = make_problem(1001, 20, (48, 1000, 33), seed=5, device=DEVICE)
+    step = run_step(residual_quantize, x, books, commitment_cost=0.25, backend="triton",
+                    precision=precision, compute_stats=True)
+    check_parity(step, x, books, commitment_cost=0.25, precision=precision)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_input_dtypes(poison, dtype):
+    """Half inputs: fp32 accumulation, output in the input's dtype."""
+    x, books = make_problem(65, 20, (33, 48), seed=7, device=DEVICE, dtype=dtype)
+    step = run_step(residual_quantize, x, books, commitment_cost=0.25, backend="triton",
+                    precision="ieee", compute_stats=True)
+    assert step.result.quantized.dtype == dtype and step.grad_x.dtype == dtype
+    check_parity(step, x, books, commitment_cost=0.25)
+
+
+def test_leading_dims(poison):
+    x, books = make_problem(0, 20, (33, 48), seed=8, device=DEVICE, lead_shape=(3, 5, 7))
+    step = run_step(residual_quantize, x, books, commitment_cost=0.25, backend="triton",
+                    precision="ieee", compute_stats=True)
+    assert step.result.indices.shape == (3, 5, 7, 2)
+    check_parity(step, x, books, commitment_cost=0.25)
+
+
+def test_inference_without_statistics(poison):
+    x, books = make_problem(100, 32, (64, 64), seed=9, device=DEVICE)
+    with torch.no_grad():
+        fast = residual_quantize(x, books, backend="triton", precision="ieee")
+        slow = residual_quantize(x, books, backend="torch", precision="ieee")
+    assert fast.code_counts == () and fast.code_sums == ()
+    assert torch.equal(fast.indices, slow.indices)
+    torch.testing.assert_close(fast.quantized, slow.quantized, atol=1e-6, rtol=1e-6)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .config import tile_config
+from .tiles import row_tile
 
 
 @triton.jit
@@ -36,12 +37,7 @@ def _residual_quantize_input_grad_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_in = rows < N
-    dim_in = dims < D
-    tile_mask = row_in[:, None] & dim_in[None, :]
-    offsets = rows[:, None] * D + dims[None, :]
+    rows, dims, row_in, dim_in, offsets, tile_mask = row_tile(pid, N, D, BLOCK_M, BLOCK_D)
 
     residual = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     direction = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .config import tile_config
+from .tiles import row_tile
 
 
 @triton.jit
@@ -43,13 +44,9 @@ def _residual_quantize_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_in = rows < N
-    dim_in = dims < D
-    tile_mask = row_in[:, None] & dim_in[None, :]
+    rows, dims, row_in, dim_in, offsets, tile_mask = row_tile(pid, N, D, BLOCK_M, BLOCK_D)
 
-    x = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     bad = (x != x) | (tl.abs(x) == float("inf"))
     row_ok = row_in & (tl.max(bad.to(tl.int32), axis=1) == 0)
     # Non-finite rows run on zeros (so every score stays finite) and are marked at the end.
@@ -122,7 +119,7 @@ def _residual_quantize_fwd_kernel(
     else:
         out = total
     out = tl.where(row_ok[:, None], out, float("nan"))
-    tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def residual_quantize_forward(

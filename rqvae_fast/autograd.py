@@ -24,10 +24,11 @@ class ResidualQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, layer_sizes: Tuple[int, ...],
                 commitment_cost: float, routing_mode: int, codebook_loss: bool, precision: str,
-                triton_path: bool, with_stats: bool):
+                triton_path: bool, with_stats: bool, deterministic: bool):
         """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks)."""
         quantized, indices, sse, counts, sums = backend.quantize_forward(
-            x, codes, list(layer_sizes), routing_mode, precision, triton_path, with_stats)
+            x, codes, list(layer_sizes), routing_mode, precision, triton_path, with_stats,
+            deterministic)
         n, dim = x.shape
         inv_count = 1.0 / (n * dim) if n > 0 else 0.0
         weight = commitment_cost + (1.0 if codebook_loss else 0.0)
@@ -62,4 +63,4 @@ class ResidualQuantizeFunction(torch.autograd.Function):
             per_layer = grad_losses * (2.0 * ctx.inv_count)
             per_code = torch.cat([per_layer[l].expand(size) for l, size in enumerate(layer_sizes)])
             grad_codes = (per_code[:, None] * (counts[:, None] * codes.float() - sums)).to(codes.dtype)
-        return grad_x, grad_codes, None, None, None, None, None, None, None
+        return grad_x, grad_codes, None, None, None, None, None, None, None, None

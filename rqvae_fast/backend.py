@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
+from .sorted_stats import sorted_code_statistics
 from ._triton_available import HAS_TRITON, interpreter_enabled
 
 BACKENDS = ("auto", "triton", "torch")
@@ -51,28 +52,38 @@ def layer_starts(layer_sizes: Sequence[int], device: torch.device) -> Tensor:
 
 @torch.library.custom_op("rqvae_fast::quantize_forward", mutates_args=())
 def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
-                     triton_path: bool, with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     triton_path: bool, with_stats: bool, deterministic: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused forward over all layers.
 
     x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous. Returns ``quantized (N, D)`` (x's
     dtype), ``indices (N, L)`` int64, ``sse (L,)`` fp32 (sum of squared code errors per layer),
     ``counts (K_total,)`` and ``sums (K_total, D)`` fp32 (``(0,)``/``(0, D)`` without stats).
+    ``deterministic``: per-code sums without float atomics (bit-identical across runs; slower,
+    see :mod:`rqvae_fast.sorted_stats`). Only the Triton path needs it: the PyTorch path's
+    scatter-adds run sequentially on the CPU.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         sq_norms = codes.float().pow(2).sum(dim=1)
         if triton_path:
             from .kernels import residual_quantize_forward
 
-            return residual_quantize_forward(
+            sorted_stats = with_stats and deterministic
+            out = residual_quantize_forward(
                 x, codes, sq_norms, layer_starts(layer_sizes, x.device), layer_sizes,
-                routing=routing, precision=precision, with_stats=with_stats)
+                routing=routing, precision=precision, with_stats=with_stats and not sorted_stats)
+            if sorted_stats:
+                counts, sums = sorted_code_statistics(x, codes, layer_sizes, out[1], routing)
+                out = (out[0], out[1], out[2], counts, sums)
+            return out
         return torch_backend.residual_quantize_forward(
             x, codes, sq_norms, layer_sizes, routing=routing, precision=precision,
             with_stats=with_stats)
 
 
 @quantize_forward.register_fake
-def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_path, with_stats):
+def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
+                           deterministic):
     n, dim = x.shape
     k_total = codes.shape[0] if with_stats else 0
     return (

@@ -29,6 +29,7 @@ def residual_quantize(
     backend: str = "auto",
     compute_stats: Optional[bool] = None,
     check_finite: bool = False,
+    deterministic: Optional[bool] = None,
 ) -> QuantizeResult:
     """Quantize ``x (*, D)`` through codebooks ``(K_l, D)`` in one fused pass.
 
@@ -43,6 +44,8 @@ def residual_quantize(
       only when a codebook gradient will be needed.
     - ``check_finite``: raise naming the first NaN/Inf row (synchronizes the device). Otherwise such
       rows get index -1, a NaN output, a NaN loss, and stay out of the statistics.
+    - ``deterministic``: bit-identical statistics and gradients across runs on a GPU (no float
+      atomics; costs a sort per layer). ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
     Nothing passed in is modified.
     """
     check_inputs(x, codebooks)
@@ -67,7 +70,7 @@ def residual_quantize(
 
     quantized, indices, layer_losses, counts, sums = ResidualQuantizeFunction.apply(
         x2d, codes, layer_sizes, float(commitment_cost), routing, codebook_loss,
-        precision, triton_path, with_stats)
+        precision, triton_path, with_stats, _deterministic_enabled(deterministic))
     if with_stats:
         code_counts = tuple(counts.split(list(layer_sizes)))
         code_sums = tuple(sums.split(list(layer_sizes)))
@@ -81,6 +84,18 @@ def residual_quantize(
         code_counts=code_counts,
         code_sums=code_sums,
     )
+
+
+def _deterministic_setting() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+_deterministic_setting = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)(
+    _deterministic_setting)
+
+
+def _deterministic_enabled(deterministic: Optional[bool]) -> bool:
+    return _deterministic_setting() if deterministic is None else bool(deterministic)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ class VQEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, *,
                  grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto",
-                 check_finite: bool = False):
+                 check_finite: bool = False, deterministic: Optional[bool] = None):
         super().__init__()
         routing_id(grad_mode)  # validates
         if precision is not None:
@@ -57,6 +57,7 @@ class VQEmbedding(nn.Module):
         self.precision = precision
         self.backend = backend
         self.check_finite = check_finite
+        self.deterministic = deterministic
         self.embeddings = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
         self.initialized_with_data = False
 
@@ -77,7 +78,7 @@ class VQEmbedding(nn.Module):
         result = residual_quantize(
             inputs, [self.embeddings], commitment_cost, grad_mode=self.grad_mode,
             codebook_loss=not self.ema, precision=self.precision, backend=self.backend,
-            compute_stats=update, check_finite=self.check_finite)
+            compute_stats=update, check_finite=self.check_finite, deterministic=self.deterministic)
         return result
 
     def forward(self, inputs: torch.Tensor):
@@ -130,14 +131,15 @@ class ResidualVQ(nn.Module):
     ``VQEmbeddingEMA``), ``grad_mode`` (``"seed"``, ``"full"``, ``"layer_ste"``), ``precision`` and
     ``backend`` (see :func:`rqvae_fast.functional.residual_quantize`), ``check_finite`` (raise on
     NaN/Inf rows) and ``sync_codebook`` (all-reduce EMA statistics across ranks; ``None``: when a
-    process group with more than one rank is initialised).
+    process group with more than one rank is initialised), ``deterministic`` (bit-identical runs on a
+    GPU, no float atomics; ``None`` follows ``torch.are_deterministic_algorithms_enabled()``).
     """
 
     def __init__(self, num_layers: int, num_embeddings_list: Sequence[int], embedding_dim: int,
                  commitment_cost: float = 0.25, *, ema: bool = False, decay: float = 0.99,
                  eps: float = 1e-5, grad_mode: str = "seed", precision: Optional[str] = None,
                  backend: str = "auto", check_finite: bool = False,
-                 sync_codebook: Optional[bool] = None):
+                 sync_codebook: Optional[bool] = None, deterministic: Optional[bool] = None):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -151,8 +153,9 @@ class ResidualVQ(nn.Module):
         self.backend = backend
         self.check_finite = check_finite
         self.sync_codebook = sync_codebook
+        self.deterministic = deterministic
         options = dict(grad_mode=grad_mode, precision=precision, backend=backend,
-                       check_finite=check_finite)
+                       check_finite=check_finite, deterministic=deterministic)
         if ema:
             layers = [VQEmbeddingEMA(num_embeddings_list[i], embedding_dim, commitment_cost, decay,
                                      eps, **options) for i in range(num_layers)]
@@ -178,7 +181,8 @@ class ResidualVQ(nn.Module):
         return residual_quantize(
             inputs, self.codebooks, self._commitment_cost(), grad_mode=self.grad_mode,
             codebook_loss=not self.ema, precision=self.precision, backend=self.backend,
-            compute_stats=compute_stats, check_finite=self.check_finite)
+            compute_stats=compute_stats, check_finite=self.check_finite,
+            deterministic=self.deterministic)
 
     def forward(self, inputs: torch.Tensor, commitment_cost: Optional[float] = None):
         if commitment_cost is not None:

@@ -46,5 +46,5 @@ def test_compiled_training_step_equals_eager(ema):
 def test_custom_op_passes_opcheck():
     x = torch.randn(9, 6)
     codes = torch.randn(7, 6)
-    torch.library.opcheck(quantize_forward, (x, codes, [3, 4], 0, "ieee", False, True),
+    torch.library.opcheck(quantize_forward, (x, codes, [3, 4], 0, "ieee", False, True, False),
                           test_utils=("test_schema", "test_faketensor"))

@@ -81,3 +81,20 @@ def test_training_step_replays_in_a_cuda_graph():
     assert torch.equal(indices, static_indices)
     torch.testing.assert_close(static_loss, loss)
     torch.testing.assert_close(replay_grad, rvq.vq_layers[0].embeddings.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_deterministic_mode_is_bit_identical_across_runs():
+    rvq = ResidualVQ(3, [256] * 3, 32, backend="triton", precision="tf32", deterministic=True).cuda()
+    x = torch.randn(300_000, 32, device="cuda")
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        rvq.zero_grad(set_to_none=True)
+        result = rvq.quantize(xx, compute_stats=True)
+        (result.quantized.square().sum() + result.loss).backward()
+        return [result.quantized, result.indices, result.loss, xx.grad, *result.code_sums,
+                *(layer.embeddings.grad for layer in rvq.vq_layers)]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -73,3 +73,48 @@ def test_inference_without_statistics(poison):
     assert fast.code_counts == () and fast.code_sums == ()
     assert torch.equal(fast.indices, slow.indices)
     torch.testing.assert_close(fast.quantized, slow.quantized, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad_mode", ["seed", "full"])
+def test_deterministic_statistics_match_atomic_ones(poison, grad_mode):
+    """deterministic=True sums rows per code without float atomics: same values, same gradients."""
+    x, books = make_problem(1001, 20, (48, 33, 100), seed=21, device=DEVICE)
+    x[5, 3] = float("nan")  # a non-finite row stays out of the statistics on both paths
+    common = dict(commitment_cost=0.25, grad_mode=grad_mode, backend="triton", precision="ieee",
+                  compute_stats=True)
+    atomic = run_step(residual_quantize, x, books, deterministic=False, **common)
+    ordered = run_step(residual_quantize, x, books, deterministic=True, **common)
+    assert torch.equal(atomic.result.indices, ordered.result.indices)
+    for a, b in zip(atomic.result.code_counts, ordered.result.code_counts):
+        assert torch.equal(a, b)
+    for a, b in zip(atomic.result.code_sums, ordered.result.code_sums):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(atomic.grad_books, ordered.grad_books):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_deterministic_follows_torch_setting(monkeypatch):
+    import rqvae_fast.backend as backend_module
+
+    seen = []
+    real = backend_module.sorted_code_statistics
+    monkeypatch.setattr(backend_module, "sorted_code_statistics",
+                        lambda *a: seen.append(True) or real(*a))
+    x, books = make_problem(50, 8, (16,), seed=1, device=DEVICE)
+    residual_quantize(x, books, backend="triton", compute_stats=True)
+    assert not seen
+    torch.use_deterministic_algorithms(True)
+    try:
+        residual_quantize(x, books, backend="triton", compute_stats=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen
+
+
+@pytest.mark.parametrize("n,dim,sizes", [(33, 1024, (70, 20)), (20, 24, (65_536,))])
+def test_wide_rows_and_huge_codebooks(poison, n, dim, sizes):
+    """D up to 1024 and K up to 65,536: tiles that do not fit on-chip still give exact results."""
+    x, books = make_problem(n, dim, sizes, seed=4, device=DEVICE)
+    step = run_step(residual_quantize, x, books, commitment_cost=0.25, backend="triton",
+                    precision="ieee", compute_stats=True)
+    check_parity(step, x, books, commitment_cost=0.25)

@@ -1,0 +1,48 @@
+"""Per-code statistics without floating-point atomics, for ``deterministic=True``.
+
+The fused kernel scatters each row's residual into its code's sum with atomic adds, whose order,
+and so whose rounding, varies from run to run on a GPU. Here rows are instead sorted by code
+(stable sort) and each code's sum is the difference of a float64 running sum at the code's segment
+ends: bit-identical across runs, at the price of rebuilding every layer's residual ``(N, D)``,
+a sort per layer and the float64 scan.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from .routing import SEED
+
+
+def sorted_code_statistics(x: torch.Tensor, codes: torch.Tensor, layer_sizes: Sequence[int],
+                           indices: torch.Tensor, routing: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``counts (K_total,)`` fp32 and ``sums (K_total, D)`` fp32 of the residuals each code took.
+
+    x ``(N, D)``, codes ``(K_total, D)`` stacked, indices ``(N, L)`` int64 layer-local (-1 for
+    non-finite rows); residuals are rebuilt with the forward kernel's own arithmetic.
+    """
+    codes32 = codes.float()
+    finite = indices[:, 0] >= 0 if indices.shape[0] else torch.zeros(0, dtype=torch.bool, device=x.device)
+    residual = torch.where(finite[:, None], x.float(), 0.0)
+    counts, sums = [], []
+    start = 0
+    for layer, size in enumerate(layer_sizes):
+        local = indices[:, layer]
+        key = torch.where(finite, local, size)  # non-finite rows sort into a trailing bucket
+        layer_counts = torch.bincount(key, minlength=size + 1)[:size]
+        order = torch.argsort(key, stable=True)
+        running = torch.cat([residual.new_zeros((1, residual.shape[1]), dtype=torch.float64),
+                             residual.index_select(0, order).double().cumsum(dim=0)])
+        ends = layer_counts.cumsum(dim=0)
+        sums.append((running[ends] - running[ends - layer_counts]).float())
+        counts.append(layer_counts.float())
+
+        chosen = codes32[start:start + size].index_select(0, local.clamp(min=0))
+        chosen = torch.where(finite[:, None], chosen, 0.0)
+        if routing == SEED:
+            residual = residual - (residual + (chosen - residual))
+        else:
+            residual = residual - chosen
+        start += size
+    return torch.cat(counts), torch.cat(sums)

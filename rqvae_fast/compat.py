@@ -1,0 +1,568 @@
+"""``ResidualVQ`` with vector-quantize-pytorch's constructor, forward, state_dict and semantics.
+
+>>> from rqvae_fast.compat import ResidualVQ
+>>> rvq = ResidualVQ(dim=256, num_quantizers=3, codebook_size=256, decay=0.99,
+...                  kmeans_init=True, threshold_ema_dead_code=2)
+>>> quantized, indices, commit_losses = rvq(x)            # x (B, N, 256), optional mask (B, N)
+
+Quantization runs all layers in one fused pass (:func:`rqvae_fast.functional.residual_quantize`,
+``grad_mode="layer_ste"``), which is vector-quantize-pytorch's gradient routing with
+``rotation_trick=False``: with ``r_0 = project_in(x)``, ``r_{l+1} = r_l - sg(e_l)`` and output
+``project_out(sum_l (r_l + sg(e_l - r_l)))``, so d(output)/d(r_0) = Q * I (a Q-times straight-through
+gradient) and layer ``l``'s commitment loss ``w * mean((r_l - sg(e_l))^2)`` reaches the input.
+
+The ``state_dict`` has the same keys and shapes as vector-quantize-pytorch's ``ResidualVQ`` (
+``layers.{l}._codebook.{initted, cluster_size, embed_avg, embed}``, ``project_in``/``project_out``), so
+either module loads the other's weights with ``strict=True``. See ``docs/COMPAT.md`` for the
+mapping, the unsupported options and the distributed behaviour.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import distributed
+from .functional import residual_quantize
+
+__all__ = ["ResidualVQ", "ema_track_", "ema_codebook_", "kmeans"]
+
+# Options of vector-quantize-pytorch's ResidualVQ / VectorQuantize that this module does not
+# implement, with the value that switches them off (accepted, and the only value accepted).
+_NEUTRAL: Dict[str, Any] = {
+    # ResidualVQ
+    "shared_codebook": False, "diveq": False, "heads": 1, "quantize_dropout": False,
+    "quantize_dropout_cutoff_index": 0, "quantize_dropout_multiple_of": 1,
+    "accept_image_fmap": False, "implicit_neural_codebook": False, "mlp_kwargs": {},
+    "beam_size": None, "eval_beam_size": None, "beam_score_quantizer_weights": None,
+    "quant_grad_frac": 0.0,
+    # VectorQuantize
+    "separate_codebook_per_head": False, "freeze_codebook": False, "sync_kmeans": True,
+    "use_cosine_sim": False, "layernorm_after_project_in": False, "channel_last": True,
+    "accept_3d_fmap": False, "commitment_use_cross_entropy_loss": False,
+    "orthogonal_reg_weight": 0.0, "orthogonal_reg_active_codes_only": False,
+    "orthogonal_reg_max_codes": None, "codebook_diversity_loss_weight": 0.0,
+    "codebook_diversity_temperature": 100.0, "stochastic_sample_codes": False,
+    "sample_codebook_temp": 1.0, "straight_through": False, "rotation_trick": False,
+    "directional_reparam": False, "directional_reparam_variance": 5e-3, "sync_affine_param": False,
+    "vq_bridge": None, "manual_ema_update": False, "in_place_codebook_optimizer": None,
+    "manual_in_place_optimizer_update": False, "affine_param": False,
+    "affine_param_batch_decay": 0.99, "affine_param_codebook_decay": 0.9, "sync_update_v": 0.0,
+    "route_gradients_to_input": True,
+}
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    if value is neutral:
+        return True
+    if neutral is None or isinstance(value, (torch.Tensor, np.ndarray)) or callable(value):
+        return False
+    if isinstance(neutral, bool) != isinstance(value, bool):
+        return False
+    try:
+        return bool(value == neutral)
+    except Exception:  # noqa: BLE001 - an odd type that cannot compare is not neutral
+        return False
+
+
+def _check_options(options: Dict[str, Any]) -> None:
+    unknown = sorted(name for name in options if name not in _NEUTRAL)
+    if unknown:
+        raise TypeError(
+            f"rqvae_fast.compat.ResidualVQ got unexpected keyword argument(s) {unknown} "
+            "(not options of vector-quantize-pytorch's ResidualVQ)")
+    unsupported = sorted(name for name, value in options.items()
+                         if not _is_neutral(value, _NEUTRAL[name]))
+    if unsupported:
+        detail = ", ".join(f"{name}={options[name]!r} (supported: {_NEUTRAL[name]!r})"
+                           for name in unsupported)
+        hint = (" rotation_trick: only the plain straight-through estimator is implemented; "
+                "vector-quantize-pytorch's default is rotation_trick=True for dim > 1."
+                if "rotation_trick" in unsupported else "")
+        raise ValueError(
+            f"rqvae_fast.compat.ResidualVQ does not support {detail}.{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA and k-means, with vector-quantize-pytorch's arithmetic
+
+
+@torch.no_grad()
+def ema_track_(cluster_size: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
+               sums: torch.Tensor, decay: float) -> None:
+    """Move the running averages towards one step's statistics, in place.
+
+    ``cluster_size (K,)`` and ``embed_avg (K, D)`` fp32 become ``lerp(old, new, 1 - decay)`` with
+    ``counts (K,)`` and ``sums (K, D)`` (rows per code and the sum of those rows). Same values as
+    the seed's :func:`rqvae_fast.functional.ema_update_` averages; ``lerp`` rounds as
+    vector-quantize-pytorch does.
+    """
+    cluster_size.lerp_(counts.to(cluster_size), 1.0 - decay)
+    embed_avg.lerp_(sums.to(embed_avg), 1.0 - decay)
+
+
+@torch.no_grad()
+def ema_codebook_(embed: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor,
+                  eps: float) -> None:
+    """Set ``embed (K, D)`` to ``embed_avg / smoothed`` in place, with the Laplace-smoothed sizes
+    ``smoothed = (cluster_size + eps) / (n + K eps) * n``, ``n = sum(cluster_size)``.
+
+    An unused code (``cluster_size = embed_avg = 0``) becomes the zero vector.
+    """
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + cluster_size.shape[0] * eps) * total
+    embed.copy_((embed_avg / smoothed.unsqueeze(1)).to(embed))
+
+
+@torch.no_grad()
+def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, *,
+           precision: Optional[str] = None, backend: str = "auto"
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means as vector-quantize-pytorch runs it: ``(means (K, D), bins (K,))`` fp32.
+
+    Starts from ``K`` rows of ``samples (N, D)`` drawn without replacement (with replacement when
+    ``N < K``) by torch's global generator; each iteration assigns rows to their nearest mean and
+    moves every mean with rows to their average (an empty cluster keeps its mean). ``bins`` counts
+    the rows of the last assignment. One fused pass per iteration, no ``(N, K)`` matrix.
+    """
+    if samples.dim() != 2 or samples.shape[0] == 0:
+        raise ValueError(f"k-means needs a non-empty (N, D) tensor, got shape {tuple(samples.shape)}")
+    if num_iters < 1:
+        raise ValueError(f"kmeans_iters must be >= 1, got {num_iters}")
+    samples = samples.float()
+    n = samples.shape[0]
+    if n >= num_clusters:
+        pick = torch.randperm(n, device=samples.device)[:num_clusters]
+    else:
+        pick = torch.randint(0, n, (num_clusters,), device=samples.device)
+    means = samples[pick]
+    bins = samples.new_zeros(num_clusters)
+    for _ in range(num_iters):
+        step = residual_quantize(samples, [means], 0.0, grad_mode="layer_ste", codebook_loss=False,
+                                 precision=precision, backend=backend, compute_stats=True)
+        bins, sums = step.code_counts[0], step.code_sums[0]
+        new_means = sums / bins.clamp(min=1.0).unsqueeze(1)
+        means = torch.where((bins == 0).unsqueeze(1), means, new_means)
+    return means, bins
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+class _Codebook(nn.Module):
+    """One layer's state, laid out as vector-quantize-pytorch's ``Codebook`` (heads = 1):
+    ``initted`` 0-d bool, ``cluster_size (1, K)``, ``embed_avg (1, K, D)``, ``embed (1, K, D)``
+    (a Parameter when learnable, else a buffer), all fp32."""
+
+    def __init__(self, codebook_size: int, dim: int, kmeans_init: bool, learnable: bool):
+        super().__init__()
+        if kmeans_init:
+            embed = torch.zeros(1, codebook_size, dim)
+        else:  # kaiming-uniform over a (1, K, D) tensor, as vector-quantize-pytorch
+            bound = math.sqrt(6.0 / (codebook_size * dim))
+            embed = torch.empty(1, codebook_size, dim).uniform_(-bound, bound)
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.register_buffer("cluster_size", torch.ones(1, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        if learnable:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+
+
+class _Layer(nn.Module):
+    """Holder of one ``_codebook`` (the place of vector-quantize-pytorch's ``VectorQuantize``)."""
+
+    def __init__(self, codebook_size: int, dim: int, kmeans_init: bool, learnable: bool):
+        super().__init__()
+        self.codebook_size = codebook_size
+        self._codebook = _Codebook(codebook_size, dim, kmeans_init, learnable)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """``(K, D)`` view of the codebook."""
+        return self._codebook.embed[0]
+
+
+class ResidualVQ(nn.Module):
+    """vector-quantize-pytorch's ``ResidualVQ`` (``rotation_trick=False``) on the fused quantizer.
+
+    Constructor (their names and defaults): ``dim``, ``num_quantizers``, ``codebook_size`` (int, or a
+    per-layer tuple), ``codebook_dim`` (``Linear`` projections in/out when != ``dim``), ``decay``
+    (0.8), ``eps``, ``commitment_weight`` (1.0), ``kmeans_init``, ``kmeans_iters`` (10),
+    ``threshold_ema_dead_code`` (0: off), ``learnable_codebook`` (False), ``ema_update`` (default:
+    ``not learnable_codebook``), ``sync_codebook`` (None: sync when a process group with more than
+    one rank is initialised), ``return_zeros_for_masked_padding`` (True). Their other options are
+    accepted only at the value that switches them off; any other value raises ``ValueError``
+    naming it, an unknown name raises ``TypeError``. Ours (keyword-only): ``precision``,
+    ``backend``, ``check_finite`` as in :func:`rqvae_fast.functional.residual_quantize`.
+
+    ``forward(x (B, N, dim) or (B, dim), mask=None (B, N) bool)`` returns ``(quantized`` like ``x``,
+    ``indices (B, N, Q)`` int64 (``-1`` where masked out or where a row holds NaN/Inf),
+    ``commit_losses (Q,)`` fp32``)``; ``return_all_codes=True`` adds ``codes (Q, B, N, codebook_dim)``.
+    In training mode each layer's loss is ``commitment_weight * mean((r_l - e_l)^2)`` over the
+    unmasked rows, and the codebooks update after the batch was assigned (EMA, then dead-code
+    re-seeding); in eval mode the losses are zeros and the output carries no input gradient.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: Optional[int] = None,
+        codebook_size: Union[int, Sequence[int]],
+        codebook_dim: Optional[int] = None,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        commitment_weight: float = 1.0,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 0,
+        learnable_codebook: Optional[bool] = None,
+        ema_update: Optional[bool] = None,
+        sync_codebook: Optional[bool] = None,
+        return_zeros_for_masked_padding: bool = True,
+        precision: Optional[str] = None,
+        backend: str = "auto",
+        check_finite: bool = False,
+        **options: Any,
+    ):
+        super().__init__()
+        _check_options(options)
+        sizes = self._layer_sizes(codebook_size, num_quantizers)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        if not isinstance(codebook_dim, int) or codebook_dim < 1:
+            raise ValueError(f"codebook_dim must be a positive int, got {codebook_dim!r}")
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if not float(eps) > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if float(commitment_weight) < 0.0:
+            raise ValueError(f"commitment_weight must be >= 0, got {commitment_weight}")
+        if not isinstance(kmeans_iters, int) or kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be an int >= 1, got {kmeans_iters!r}")
+        if float(threshold_ema_dead_code) < 0.0:
+            raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
+        learnable_codebook = bool(learnable_codebook) if learnable_codebook is not None else False
+        ema_update = (not learnable_codebook) if ema_update is None else bool(ema_update)
+        if ema_update and learnable_codebook:
+            raise ValueError("learnable_codebook=True needs ema_update=False "
+                             "(a codebook is either learned by gradients or moved by EMA)")
+
+        self.dim = dim
+        self.codebook_dim = codebook_dim
+        self.num_quantizers = len(sizes)
+        self.codebook_sizes = sizes
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.decay = float(decay)
+        self.eps = float(eps)
+        self.commitment_weight = float(commitment_weight)
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_iters = kmeans_iters
+        self.threshold_ema_dead_code = float(threshold_ema_dead_code)
+        self.learnable_codebook = learnable_codebook
+        self.ema_update = ema_update
+        self.sync_codebook = sync_codebook
+        self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
+        self.precision = precision
+        self.backend = backend
+        self.check_finite = check_finite
+
+        self.has_projections = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.layers = nn.ModuleList(
+            [_Layer(size, codebook_dim, self.kmeans_init, learnable_codebook) for size in sizes])
+        self._needs_init = self.kmeans_init  # mirrors "some layer's initted is False"
+        self.register_load_state_dict_post_hook(ResidualVQ._after_load)
+
+    @staticmethod
+    def _after_load(module: "ResidualVQ", incompatible_keys) -> None:
+        module._needs_init = not all(bool(layer._codebook.initted) for layer in module.layers)
+
+    @staticmethod
+    def _layer_sizes(codebook_size, num_quantizers) -> Tuple[int, ...]:
+        if isinstance(codebook_size, (tuple, list)):
+            sizes = tuple(codebook_size)
+            if num_quantizers is not None and num_quantizers != len(sizes):
+                raise ValueError(f"codebook_size has {len(sizes)} sizes but num_quantizers is "
+                                 f"{num_quantizers}")
+        else:
+            if num_quantizers is None:
+                raise ValueError("num_quantizers is required when codebook_size is an int")
+            if not isinstance(num_quantizers, int) or num_quantizers < 1:
+                raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
+            sizes = (codebook_size,) * num_quantizers
+        if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                for s in sizes):
+            raise ValueError(f"codebook_size must be a positive int or a non-empty tuple of them, "
+                             f"got {codebook_size!r}")
+        return sizes
+
+    # --- their read-only API -----------------------------------------------------------------
+
+    @property
+    def codebook_size(self) -> int:
+        """The first layer's codebook size."""
+        return self.codebook_sizes[0]
+
+    @property
+    def codebooks(self) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """``(Q, K, codebook_dim)`` when all layers have K codes, else a tuple of ``(K_l, codebook_dim)``."""
+        books = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices (B, ..., Q)`` int -> codes ``(Q, B, ..., codebook_dim)``; index -1 gives zeros."""
+        if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point:
+            raise TypeError("indices must be an integer tensor (B, ..., Q)")
+        if indices.dim() < 2 or indices.shape[-1] != self.num_quantizers:
+            raise ValueError(
+                f"indices must have shape (B, ..., {self.num_quantizers}), got {tuple(indices.shape)}"
+                " (fewer quantizers need quantize_dropout, which is not supported)")
+        codes = []
+        for layer, (module, index) in enumerate(zip(self.layers, indices.unbind(-1))):
+            size = module.codebook_size
+            if bool(((index < -1) | (index >= size)).any()):
+                raise ValueError(f"indices of layer {layer} must be in [-1, {size}), got values "
+                                 f"in [{int(index.min())}, {int(index.max())}]")
+            code = module.codebook[index.clamp(min=0)]
+            codes.append(code.masked_fill((index < 0).unsqueeze(-1), 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices (B, ..., Q)`` -> ``project_out(sum of the codes)`` ``(B, ..., dim)``."""
+        return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, indices=None,
+                return_all_codes: bool = False, sample_codebook_temp=None,
+                freeze_codebook: bool = False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
+        """See the class docstring. ``freeze_codebook=True`` skips the codebook updates and gives a
+        learnable codebook no gradient for this call."""
+        for name, value in (("indices", indices), ("sample_codebook_temp", sample_codebook_temp),
+                            ("beam_size", beam_size),
+                            ("rand_quantize_dropout_fixed_seed", rand_quantize_dropout_fixed_seed)):
+            if value is not None and not (name == "beam_size" and value == 1):
+                raise ValueError(f"forward argument {name}={value!r} is not supported by "
+                                 "rqvae_fast.compat.ResidualVQ (leave it None)")
+        rows, select, lead_shape = self._rows(x, mask)
+        sync = distributed.should_sync(self.sync_codebook)
+        if self._needs_init:
+            self._init_codebooks(rows, sync)
+
+        books = [layer.codebook for layer in self.layers]
+        options = dict(grad_mode="layer_ste", precision=self.precision, backend=self.backend,
+                       check_finite=self.check_finite)
+        update = self.training and not freeze_codebook and (
+            self.ema_update or self.threshold_ema_dead_code > 0)
+        if self.training:
+            if self.learnable_codebook and not freeze_codebook and self.commitment_weight > 0:
+                # loss w * mse(e, r) with gradient to both: run with beta = 1 (codebook and
+                # commitment terms, value 2 mse), scale by w and fix the value to w * mse.
+                result = residual_quantize(rows, books, 1.0, codebook_loss=True,
+                                           compute_stats=update, **options)
+                losses = self.commitment_weight * (
+                    result.layer_losses - 0.5 * result.layer_losses.detach())
+            else:
+                result = residual_quantize(rows, [b.detach() for b in books],
+                                           self.commitment_weight, codebook_loss=False,
+                                           compute_stats=update, **options)
+                losses = result.layer_losses
+        else:
+            with torch.no_grad():
+                result = residual_quantize(rows.detach(), [b.detach() for b in books], 0.0,
+                                           codebook_loss=False, compute_stats=False, **options)
+            losses = torch.zeros(self.num_quantizers, dtype=torch.float32, device=rows.device)
+        quantized = result.quantized
+        if (self.learnable_codebook and torch.is_grad_enabled()
+                and not (self.training and rows.requires_grad)):
+            # no straight-through estimator (eval mode, or inputs without gradient): as theirs,
+            # the output is the sum of the codes and passes its gradient to the codebooks
+            quantized = self._sum_codes(result.indices, books).to(rows.dtype)
+        if update:
+            self._update_codebooks(rows.detach(), result, sync)
+
+        all_indices = result.indices
+        if select is not None:
+            positions = select.nonzero().squeeze(1)
+            full = quantized.new_zeros((select.shape[0], self.codebook_dim))
+            quantized = full.index_copy(0, positions, quantized)
+            all_indices = torch.full((select.shape[0], self.num_quantizers), -1, dtype=torch.int64,
+                                     device=rows.device).index_copy(0, positions, all_indices)
+        quantized = self.project_out(quantized.reshape(*lead_shape, self.codebook_dim))
+        all_indices = all_indices.reshape(*lead_shape, self.num_quantizers)
+        if mask is not None:
+            fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
+            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
+        if return_all_codes:
+            return quantized, all_indices, losses, self.get_codes_from_indices(all_indices)
+        return quantized, all_indices, losses
+
+    def _rows(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Projected rows ``(n, codebook_dim)`` to quantize, the flat row mask, the lead shape."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point torch.Tensor of shape (B, N, dim) or (B, dim)")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, {self.dim}) or (B, {self.dim}), "
+                             f"got {tuple(x.shape)}")
+        lead_shape = tuple(x.shape[:-1])
+        rows = self.project_in(x).reshape(-1, self.codebook_dim)
+        if mask is None:
+            return rows, None, lead_shape
+        if x.dim() != 3:
+            raise ValueError("mask needs x of shape (B, N, dim)")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor of shape {lead_shape}")
+        if tuple(mask.shape) != lead_shape:
+            raise ValueError(f"mask must have shape {lead_shape} (x's), got {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        select = mask.reshape(-1)
+        return rows[select], select, lead_shape
+
+    @staticmethod
+    def _sum_codes(indices: torch.Tensor, books: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``sum_l books[l][indices[:, l]]`` (differentiable in the codebooks); NaN rows stay NaN."""
+        total = 0
+        for layer, book in enumerate(books):
+            index = indices[:, layer]
+            code = book[index.clamp(min=0)]
+            total = total + torch.where((index >= 0).unsqueeze(1), code, float("nan"))
+        return total
+
+    # --- codebook updates --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_codebooks(self, rows: torch.Tensor, sync: bool) -> None:
+        """k-means every layer not yet initialised on the residuals the previous layers leave.
+
+        Synced: the rows of all ranks are gathered, rank 0 computes, and the result is broadcast,
+        so every rank holds the same codebooks as one process given the concatenated rows.
+        """
+        data = rows.float()
+        data = data[torch.isfinite(data).all(dim=1)]
+        if sync:
+            data = distributed.all_gather_rows(data)
+        if data.shape[0] == 0:
+            return  # nothing to learn from on any rank: stay uninitialised (checked again next call)
+        if not sync or distributed.rank() == 0:
+            residual = data
+            for layer_id, layer in enumerate(self.layers):
+                cb = layer._codebook
+                if not bool(cb.initted):
+                    size = layer.codebook_size
+                    if residual.shape[0] < size:
+                        warnings.warn(f"k-means init of layer {layer_id} got {residual.shape[0]} "
+                                      f"vectors for {size} codes: duplicates are sampled")
+                    means, bins = kmeans(residual, size, self.kmeans_iters,
+                                         precision=self.precision, backend=self.backend)
+                    cb.embed_avg[0].copy_(means * bins.unsqueeze(1))
+                    cb.cluster_size[0].copy_(bins)
+                    ema_codebook_(cb.embed.data[0], cb.cluster_size[0], cb.embed_avg[0], self.eps)
+                if layer_id + 1 < len(self.layers):
+                    book = layer.codebook.detach()
+                    index = residual_quantize(
+                        residual, [book], 0.0, grad_mode="layer_ste", codebook_loss=False,
+                        precision=self.precision, backend=self.backend).indices[:, 0]
+                    residual = residual - book[index].float()
+        if sync:
+            state = []
+            for layer in self.layers:
+                cb = layer._codebook
+                state += [cb.embed.data, cb.cluster_size, cb.embed_avg]
+            distributed.broadcast_coalesced_(state, src=0)
+        for layer in self.layers:
+            layer._codebook.initted.fill_(True)
+        self._needs_init = False
+
+    @torch.no_grad()
+    def _update_codebooks(self, rows: torch.Tensor, result, sync: bool) -> None:
+        """EMA step from the batch's statistics (ONE all-reduce when synced), then dead codes."""
+        before = ([layer.codebook.detach().clone() for layer in self.layers]
+                  if self.threshold_ema_dead_code > 0 else None)
+        counts, sums = result.code_counts, result.code_sums
+        if sync:
+            counts, sums = distributed.all_reduce_code_stats(counts, sums)
+        if float(counts[0].sum()) == 0.0:
+            return  # no unmasked finite row on any rank: leave the averages alone
+        for layer, layer_counts, layer_sums in zip(self.layers, counts, sums):
+            cb = layer._codebook
+            ema_track_(cb.cluster_size[0], cb.embed_avg[0], layer_counts, layer_sums, self.decay)
+            if self.ema_update:
+                ema_codebook_(cb.embed.data[0], cb.cluster_size[0], cb.embed_avg[0], self.eps)
+        if before is not None:
+            self._expire_codes(rows, result.indices, before, sync)
+
+    @torch.no_grad()
+    def _expire_codes(self, rows: torch.Tensor, indices: torch.Tensor,
+                      before: List[torch.Tensor], sync: bool) -> None:
+        """Re-seed codes whose ``cluster_size`` fell below ``threshold_ema_dead_code`` with rows of
+        that layer's input residuals, drawn uniformly without replacement from the rows of all ranks
+        (one ``all_gather`` when synced; identical on every rank). With fewer rows than dead codes, a
+        random subset of the dead codes is re-seeded. Re-seeded codes get ``cluster_size =
+        threshold`` and ``embed_avg = code * threshold`` (vector-quantize-pytorch's reset)."""
+        threshold = self.threshold_ema_dead_code
+        dead = [layer._codebook.cluster_size[0] < threshold for layer in self.layers]
+        num_dead = [int(d.sum()) for d in dead]  # the same on every rank (synced averages)
+        if sum(num_dead) == 0:
+            return
+        finite = indices[:, 0] >= 0
+        residual = rows[finite].float()
+        chosen = indices[finite]
+        local = residual.shape[0]
+        dim = residual.shape[1]
+        last = max(l for l, n in enumerate(num_dead) if n)
+        parts = []
+        for layer_id in range(last + 1):
+            wanted = num_dead[layer_id]
+            if wanted:
+                take = torch.randperm(local, device=residual.device)[:wanted]
+                candidates = residual.new_zeros((wanted, dim))
+                candidates[: take.numel()] = residual[take]
+                parts.append(candidates.reshape(-1))
+            if layer_id < last:
+                residual = residual - before[layer_id][chosen[:, layer_id]].float()
+        seed = int(torch.randint(0, 2**62, ()))
+        header = torch.tensor([local, seed], dtype=torch.float64, device=residual.device)
+        payload = torch.cat([header] + [p.double() for p in parts])
+        gathered = distributed.all_gather_equal(payload) if sync else payload.unsqueeze(0)
+        head = gathered[:, :2].cpu()
+        rank_rows = [int(n) for n in head[:, 0].tolist()]
+        rng = np.random.default_rng(int(head[0, 1]))
+        offset = 2
+        for layer_id, layer in enumerate(self.layers):
+            wanted = num_dead[layer_id]
+            if not wanted:
+                continue
+            block = gathered[:, offset: offset + wanted * dim].reshape(-1, wanted, dim)
+            offset += wanted * dim
+            total = sum(rank_rows)
+            if total == 0:
+                continue
+            take = min(wanted, total)
+            per_rank = rng.multivariate_hypergeometric(np.array(rank_rows, dtype=np.int64), take)
+            vectors = torch.cat([block[r, : int(c)] for r, c in enumerate(per_rank)])
+            slots = dead[layer_id].nonzero().squeeze(1)
+            if take < wanted:
+                keep = torch.from_numpy(np.sort(rng.permutation(wanted)[:take])).to(slots.device)
+                slots = slots[keep]
+            cb = layer._codebook
+            vectors = vectors.to(cb.embed.dtype)
+            cb.embed.data[0, slots] = vectors
+            cb.cluster_size[0, slots] = threshold
+            cb.embed_avg[0, slots] = vectors * threshold
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_dim={self.codebook_dim}, codebook_sizes={self.codebook_sizes}, "
+                f"decay={self.decay}, commitment_weight={self.commitment_weight}, "
+                f"ema_update={self.ema_update}, learnable_codebook={self.learnable_codebook}, "
+                f"kmeans_init={self.kmeans_init}, threshold_ema_dead_code={self.threshold_ema_dead_code}")

@@ -45,7 +45,8 @@ class VQEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, *,
                  grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto",
-                 check_finite: bool = False, deterministic: Optional[bool] = None):
+                 check_finite: bool = False, deterministic: Optional[bool] = None,
+                 sync_codebook: Optional[bool] = None):
         super().__init__()
         routing_id(grad_mode)  # validates
         if precision is not None:
@@ -58,17 +59,28 @@ class VQEmbedding(nn.Module):
         self.backend = backend
         self.check_finite = check_finite
         self.deterministic = deterministic
+        self.sync_codebook = sync_codebook
         self.embeddings = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
         self.initialized_with_data = False
 
-    @torch.no_grad()
     def initialize_from_data(self, data: torch.Tensor, seed: Optional[int] = None) -> None:
-        """Set the codebook to k-means centroids of ``data (N, D)``, once (as the seed)."""
+        """Set the codebook to k-means centroids of ``data (N, D)``, once (as the seed).
+
+        Under a multi-rank process group (and ``sync_codebook`` not False) the rows of all ranks
+        are used and every rank ends with rank 0's codebook."""
+        _synced_initialization([self], data, self.sync_codebook, lambda rows: self._fit(rows, seed))
+
+    @torch.no_grad()
+    def _fit(self, data: torch.Tensor, seed: Optional[int]) -> None:
         if self.initialized_with_data:
             return
         centroids, sizes = kmeans_centroids(data, self.num_embeddings, seed)
         self._load_centroids(centroids, sizes)
         self.initialized_with_data = True
+
+    def codebook_state(self) -> List[torch.Tensor]:
+        """The tensors that define this layer's codebook (what ranks must agree on)."""
+        return [self.embeddings.data]
 
     def _load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
         self.embeddings.data.copy_(centroids.to(self.embeddings))
@@ -85,7 +97,7 @@ class VQEmbedding(nn.Module):
         update = self.ema and self.training
         result = self.quantize(inputs, self.commitment_cost, update)
         if update:
-            self.apply_ema(result.code_counts[0], result.code_sums[0])
+            _ema_step([self], result, self.sync_codebook)
         return result.quantized, result.indices[..., 0], result.loss
 
 
@@ -113,6 +125,9 @@ class VQEmbeddingEMA(VQEmbedding):
         super()._load_centroids(centroids, sizes)
         self.ema_cluster_size.copy_(sizes.to(self.ema_cluster_size))
         self.ema_dw.copy_((centroids * sizes[:, None]).to(self.ema_dw))
+
+    def codebook_state(self) -> List[torch.Tensor]:
+        return [self.embeddings.data, self.ema_cluster_size, self.ema_dw]
 
     def apply_ema(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """One EMA step from a batch's per-code ``counts (K,)`` and residual ``sums (K, D)``."""
@@ -155,7 +170,8 @@ class ResidualVQ(nn.Module):
         self.sync_codebook = sync_codebook
         self.deterministic = deterministic
         options = dict(grad_mode=grad_mode, precision=precision, backend=backend,
-                       check_finite=check_finite, deterministic=deterministic)
+                       check_finite=check_finite, deterministic=deterministic,
+                       sync_codebook=sync_codebook)
         if ema:
             layers = [VQEmbeddingEMA(num_embeddings_list[i], embedding_dim, commitment_cost, decay,
                                      eps, **options) for i in range(num_layers)]
@@ -191,22 +207,50 @@ class ResidualVQ(nn.Module):
         update = self.ema and self.training
         result = self.quantize(inputs, compute_stats=True if update else None)
         if update:
-            counts, sums = result.code_counts, result.code_sums
-            if distributed.should_sync(self.sync_codebook):
-                # One collective for all layers, on every rank (an empty batch adds zeros).
-                counts, sums = distributed.all_reduce_code_stats(counts, sums)
-            elif result.indices.numel() == 0:
-                counts = ()  # nothing seen on a single process: leave the averages alone
-            for layer, layer_counts, layer_sums in zip(self.vq_layers, counts, sums):
-                layer.apply_ema(layer_counts, layer_sums)
+            _ema_step(self.vq_layers, result, self.sync_codebook)
         return result.quantized, result.indices, result.loss
 
-    @torch.no_grad()
     def initialize_from_data(self, data: torch.Tensor, seed: Optional[int] = None) -> None:
-        """k-means each codebook on the residuals the previous layers leave (the seed's method)."""
-        residual = data.detach().reshape(-1, data.shape[-1]).float().clone()
+        """k-means each codebook on the residuals the previous layers leave (the seed's method).
+
+        Under a multi-rank process group (and ``sync_codebook`` not False) the rows of all ranks
+        are used and every rank ends with rank 0's codebooks."""
+        _synced_initialization(self.vq_layers, data, self.sync_codebook,
+                               lambda rows: self._fit_layers(rows, seed))
+
+    @torch.no_grad()
+    def _fit_layers(self, data: torch.Tensor, seed: Optional[int]) -> None:
+        residual = data
         for layer in self.vq_layers:
-            layer.initialize_from_data(residual, seed=seed)
+            layer._fit(residual, seed)
             result = residual_quantize(residual, [layer.embeddings], 0.0, grad_mode=self.grad_mode,
                                        precision=self.precision, backend=self.backend)
             residual = residual - result.quantized
+
+
+def _ema_step(layers: Sequence[VQEmbedding], result, sync: Optional[bool]) -> None:
+    """Apply one EMA update per layer from a forward's statistics, summed over ranks when syncing."""
+    counts, sums = result.code_counts, result.code_sums
+    if distributed.should_sync(sync):
+        # One collective for all layers, on every rank (an empty batch adds zeros).
+        counts, sums = distributed.all_reduce_code_stats(counts, sums)
+    elif result.indices.numel() == 0:
+        return  # nothing seen on a single process: leave the averages alone
+    for layer, layer_counts, layer_sums in zip(layers, counts, sums):
+        layer.apply_ema(layer_counts, layer_sums)
+
+
+@torch.no_grad()
+def _synced_initialization(layers: Sequence[VQEmbedding], data: torch.Tensor, sync: Optional[bool],
+                           fit) -> None:
+    """Run ``fit(rows (N, D) fp32)``; across ranks, on rank 0 with every rank's rows, then broadcast."""
+    rows = data.detach().reshape(-1, data.shape[-1]).float()
+    if not distributed.should_sync(sync):
+        fit(rows.clone())
+        return
+    rows = distributed.all_gather_rows(rows)
+    if distributed.rank() == 0:
+        fit(rows)
+    distributed.broadcast_coalesced_([t for layer in layers for t in layer.codebook_state()])
+    for layer in layers:
+        layer.initialized_with_data = True

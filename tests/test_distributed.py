@@ -150,7 +150,18 @@ def run_kmeans(rank, counter, steps, threshold, sync=None):
     return out
 
 
+def run_dropin_init(rank, counter):
+    """Drop-in ResidualVQ k-means init: each rank holds different rows; rank 0 fits all of them."""
+    model = DropInRVQ(2, [8, 4], DIM, 0.25, ema=True)
+    rows = batch(0, (40, 25), rank, seed=11)
+    counter and counter.take()
+    model.initialize_from_data(rows, seed=0)
+    return {"state": state(model), "calls": counter.take() if counter else None,
+            "rows": rows, "flags": [layer.initialized_with_data for layer in model.vq_layers]}
+
+
 SCENARIOS = {
+    "dropin_init": run_dropin_init,
     "ema_equal": lambda rank, c: run_ema(rank, c, "dropin", EQUAL),
     "ema_unequal_dropin": lambda rank, c: run_ema(rank, c, "dropin", UNEQUAL),
     "ema_unequal_compat": lambda rank, c: run_ema(rank, c, "compat", UNEQUAL),
@@ -339,6 +350,15 @@ def test_dead_codes_reseeded_identically_on_all_ranks(ranks):
 
 # ---------------------------------------------------------------------------------------------
 # world size 1: never a collective
+
+
+def test_dropin_kmeans_init_uses_all_ranks_rows(ranks):
+    pair = ranks("dropin_init")
+    assert_states(pair[1]["state"], pair[0]["state"], exact=True)
+    assert all(pair[0]["flags"]) and all(pair[1]["flags"])
+    single = DropInRVQ(2, [8, 4], DIM, 0.25, ema=True)
+    single.initialize_from_data(torch.cat([pair[0]["rows"], pair[1]["rows"]]), seed=0)
+    assert_states(pair[0]["state"], state(single))
 
 
 def test_world_size_one_runs_no_collective(tmp_path):

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a lent device machine (H200: torch 2.11 + Triton 3.6 preinstalled,
+# no network). Installs nothing from the network; runs the GPU parity tests, the test suite under
+# CUDA, the side-by-side benchmark report (tf32 + exact fp32) and the scaling sweep, each phase
+# under its own timeout, all in under 5 minutes. Everything lands in $OUT (<= 8 files):
+#   gpu_check.log  tests.log  bench_tf32.json  bench_tf32.md  bench_ieee.json  sweep.json
+#   scaling.png  env.txt
+#
+# Run (device tool):  bash benchmarks/gpu_check.sh            timeout_s ~ 420
+# Optional peer vector-quantize-pytorch: carry its wheels in .whl/ (see
+#   /work/.library/device/README.md, Notes) and name ".whl" in carry; they are installed
+#   with --no-index into /tmp/site.
+# Dry run of the plumbing on a CPU box: GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh
+set -uo pipefail
+
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY:-0}
+LOG="$OUT/gpu_check.log"
+exec > >(tee -a "$LOG") 2>&1
+
+phase() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+START=$(date +%s)
+
+phase "environment"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  $PY -c "import triton; print('triton', triton.__version__)" 2>&1
+  git rev-parse --short HEAD 2>/dev/null; git status --porcelain --untracked-files=no 2>/dev/null | head -20
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$DRY" != "1" ]; then
+  phase "install (no network)"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  timeout 120 $PY -m pip install -q --no-deps --no-build-isolation -e . || echo "install FAILED"
+  DEVICE=cuda; SHAPES=(--shapes small --shapes A --shapes B); QUICK=()
+else
+  DEVICE=cpu; SHAPES=(--shapes tiny); QUICK=(--quick)
+fi
+
+phase "GPU parity tests: pytest tests -m gpu"
+timeout 75 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+
+phase "whole test suite under CUDA (not slow; stops at 75 s)"
+timeout 75 $PY -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -15
+
+phase "report, tf32: all providers x modes x shapes (torch.compile on A, train/inference)"
+timeout 170 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 "${SHAPES[@]}" "${QUICK[@]}" \
+  --skip '*+compile:ema:*' --skip '*+compile:*:small' --skip '*+compile:*:B' --skip '*+compile:*:tiny' \
+  --json "$OUT/bench_tf32.json" --markdown "$OUT/bench_tf32.md"
+
+phase "report, exact fp32 inference (target: >= 50% of the fp32 roofline)"
+timeout 45 $PY -m rqvae_fast.bench --device "$DEVICE" --precision ieee --modes inference \
+  --providers rqvae_fast,seed "${SHAPES[@]}" "${QUICK[@]}" --json "$OUT/bench_ieee.json"
+
+phase "scaling sweep: N 2^12..2^24, K 64..16384 (rqvae_fast, tf32)"
+timeout 75 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 --no-matrix --sweep both \
+  "${QUICK[@]}" --json "$OUT/sweep.json" --plot "$OUT/scaling.png"
+
+phase "done in $(( $(date +%s) - START )) s; outputs in $OUT"
+ls -la "$OUT"

@@ -1,0 +1,500 @@
+"""``rqvae-fast``: train an RQ-VAE (or RQ-KMeans) and turn item embeddings into semantic IDs.
+
+    rqvae-fast fit                       # demo: synthetic 50k x 768 catalogue, reports prefix purity
+    rqvae-fast fit items.npy --out runs/items
+    rqvae-fast encode runs/items/checkpoint.pt items.npy --out runs/items_ids
+    rqvae-fast stats runs/items/codes.npy
+    rqvae-fast bench ...
+
+User mistakes (bad files, options, checkpoints) end with one line ``rqvae-fast: error: ...`` on
+stderr and exit status 2; outputs are written to temporary files and renamed only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import UserError, atomic_output, load_embeddings, open_embeddings, parse_int_list
+
+PROG = "rqvae-fast"
+DEMO_OUT = Path("runs/demo")
+_PLURALS = {"category": "categories", "subcategory": "subcategories", "leaf": "leaves"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument parsing
+# ----------------------------------------------------------------------------------------------
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input file")
+    group.add_argument("--column", help="vector column (CSV/Parquet) or dict key (.pt)")
+    group.add_argument("--id-column", help="item id column (CSV/Parquet); default: row numbers")
+    group.add_argument("--drop-nonfinite", action="store_true",
+                       help="skip rows holding NaN/Inf instead of stopping with an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Turn item embeddings into collision-free semantic IDs with a residual-quantized "
+                    "autoencoder (RQ-VAE) or residual k-means, on fused quantization kernels.",
+        epilog="Run 'rqvae-fast fit' with no data for a self-checking demo on a synthetic catalogue.\n"
+               "Details: rqvae-fast COMMAND --help")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    # ---- fit ----
+    fit = commands.add_parser(
+        "fit", formatter_class=_Formatter, help="train on embeddings (or the demo) and write IDs",
+        description="Train an RQ-VAE (or RQ-KMeans) on DATA and write the checkpoint, the semantic "
+                    "IDs of every item, and per-epoch logs to --out. Without DATA, train on a "
+                    "deterministic synthetic catalogue with known categories and report how well "
+                    "ID prefixes recover them.")
+    fit.add_argument("data", nargs="?", help=".npy, .pt, .csv/.tsv or .parquet file of item "
+                     "embeddings (items x dims); omit for the demo catalogue")
+    fit.add_argument("--out", type=Path, help="output folder (default: runs/demo, or runs/<DATA stem>)")
+    fit.add_argument("--method", choices=("rqvae", "rqkmeans"), default="rqvae",
+                     help="RQ-VAE (encoder + residual quantizer + decoder) or residual k-means "
+                          "on the raw embeddings (no encoder)")
+    fit.add_argument("--max-items", type=_positive_int, help="train on the first N items only")
+    _add_input_options(fit)
+    model = fit.add_argument_group("model")
+    model.add_argument("--layers", type=_positive_int, default=3, help="quantization layers (ID length)")
+    model.add_argument("--codebook-size", default="256",
+                       help="codes per layer: one number or one per layer (e.g. 256,256,256)")
+    model.add_argument("--latent-dim", type=_positive_int, default=32, help="width of the quantized latent")
+    model.add_argument("--hidden-dims", default="512,256,128",
+                       help="encoder hidden widths (the decoder mirrors them)")
+    model.add_argument("--beta", type=float, default=0.25, help="commitment cost")
+    model.add_argument("--ema", action="store_true", help="move codebooks by EMA instead of gradients")
+    model.add_argument("--decay", type=float, default=0.99, help="EMA decay (with --ema)")
+    model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste"), default="seed",
+                       help="gradient routing through the quantizer (see README)")
+    train = fit.add_argument_group("training")
+    train.add_argument("--epochs", type=_positive_int, default=20)
+    train.add_argument("--batch-size", type=_positive_int, default=1024)
+    train.add_argument("--optimizer", choices=("adamw", "adagrad"), default="adamw")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 AdamW, 0.4 Adagrad)")
+    train.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    train.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    train.add_argument("--beta-start", type=float, default=0.1,
+                       help="commitment cost at the start of the warm-up (negative = no warm-up)")
+    train.add_argument("--beta-warmup", type=float, default=0.2,
+                       help="share of training over which beta rises to --beta")
+    train.add_argument("--dead-code-window", type=_non_negative_int,
+                       help="re-seed codes unused for this many steps (default one epoch; 0 = off)")
+    train.add_argument("--val-fraction", type=_fraction, default=0.05, help="held-out share")
+    train.add_argument("--patience", type=_non_negative_int, default=5,
+                       help="epochs without validation improvement before stopping (0 = never)")
+    train.add_argument("--init-samples", type=_positive_int, default=100_000,
+                       help="items used for the k-means codebook initialization")
+    train.add_argument("--kmeans-iters", type=_positive_int, default=20)
+    train.add_argument("--seed", type=int, default=0, help="seed for weights, split, shuffling")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt (same data and settings)")
+    train.add_argument("--plot", action="store_true",
+                       help="also write OUT/training.png (needs matplotlib)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out = fit.add_argument_group("semantic IDs")
+    out.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv",
+                     help="format of the ID table")
+    out.add_argument("--no-dedup", action="store_true",
+                     help="do not append the disambiguation position")
+    demo = fit.add_argument_group("demo catalogue (without DATA)")
+    demo.add_argument("--num-items", type=_positive_int, default=50_000)
+    demo.add_argument("--dim", type=_positive_int, default=768)
+    fit.set_defaults(func=cmd_fit)
+
+    # ---- encode ----
+    enc = commands.add_parser(
+        "encode", formatter_class=_Formatter, help="semantic IDs for a file with a trained model",
+        description="Encode every item of DATA with the model in CHECKPOINT, streaming the file in "
+                    "batches, and write OUT/codes.npy and OUT/ids.<format> (item id, codes, token "
+                    "string). A last disambiguation position makes every ID unique.")
+    enc.add_argument("checkpoint", type=Path, help="checkpoint.pt written by 'fit'")
+    enc.add_argument("data", help=".npy, .pt, .csv/.tsv or .parquet file of item embeddings")
+    enc.add_argument("--out", type=Path, help="output folder (default: runs/<DATA stem>_ids)")
+    enc.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv")
+    enc.add_argument("--batch-size", type=_positive_int, default=65536, help="rows per batch")
+    enc.add_argument("--no-dedup", action="store_true",
+                     help="do not append the disambiguation position")
+    enc.add_argument("--device", default="auto")
+    enc.add_argument("--no-progress", action="store_true")
+    _add_input_options(enc)
+    enc.set_defaults(func=cmd_encode)
+
+    # ---- stats ----
+    stats = commands.add_parser(
+        "stats", formatter_class=_Formatter, help="usage, perplexity and collisions of IDs",
+        description="Report per-layer code usage and perplexity and full-ID collisions for a codes "
+                    ".npy or an ID table; for a checkpoint, its configuration and last epoch.")
+    stats.add_argument("path", type=Path, help="codes .npy, ids .csv/.jsonl/.parquet, or checkpoint .pt")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(func=cmd_stats)
+
+    # ---- bench ----
+    bench = commands.add_parser("bench", help="benchmark the quantizer (see 'bench --help')",
+                                add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _model_from_args(args, input_dim: int):
+    from .kmeans import RQKMeans
+    from .model import RQVAE
+
+    sizes = parse_int_list(args.codebook_size, "--codebook-size")
+    if len(sizes) == 1:
+        sizes = sizes * args.layers
+    if len(sizes) != args.layers:
+        raise UserError(f"--codebook-size gives {len(sizes)} sizes for {args.layers} layers")
+    if args.method == "rqkmeans":
+        return RQKMeans(input_dim, args.layers, sizes)
+    hidden = parse_int_list(args.hidden_dims, "--hidden-dims") if args.hidden_dims.strip() else []
+    if not args.beta >= 0:
+        raise UserError(f"--beta must be >= 0, got {args.beta}")
+    if not 0.0 <= args.decay <= 1.0:
+        raise UserError(f"--decay must be in [0, 1], got {args.decay}")
+    return RQVAE(input_dim, hidden, args.latent_dim, args.layers, sizes, args.beta, ema=args.ema,
+                 decay=args.decay, grad_mode=args.grad_mode)
+
+
+def _train_config(args):
+    from .trainer import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, scheduler=args.scheduler,
+        grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+        beta_start=args.beta_start if args.beta_start >= 0 else None, beta_warmup=args.beta_warmup,
+        dead_code_window=args.dead_code_window, val_fraction=args.val_fraction,
+        patience=args.patience, seed=args.seed, init_samples=args.init_samples,
+        kmeans_iters=args.kmeans_iters, device=args.device, progress=not args.no_progress)
+
+
+def cmd_fit(args) -> int:
+    from .checkpoint import save_checkpoint
+    from .trainer import Trainer, resolve_device
+
+    started = time.perf_counter()
+    labels = level_names = None
+    if args.data is None:
+        from .synthetic import make_catalogue
+
+        catalogue = make_catalogue(args.num_items, args.dim, seed=args.seed)
+        embeddings, labels, level_names = catalogue.embeddings, catalogue.labels, catalogue.level_names
+        item_ids = [str(i) for i in range(len(catalogue))]
+        counts = [int(labels[:, i].max()) + 1 for i in range(labels.shape[1])]
+        _say(f"demo catalogue: {len(catalogue)} items x {args.dim}-d, "
+             + " > ".join(f"{c} {_PLURALS.get(n, n)}" for c, n in zip(counts, level_names))
+             + f" (seed {args.seed}); pass a file to train on your own embeddings")
+        out_dir = args.out or DEMO_OUT
+    else:
+        source = open_embeddings(args.data, args.column, args.id_column)
+        loaded = load_embeddings(source, drop_nonfinite=args.drop_nonfinite, max_rows=args.max_items)
+        if loaded.dropped_rows:
+            _say(f"skipped {len(loaded.dropped_rows)} rows holding NaN/Inf")
+        embeddings, item_ids = loaded.embeddings, loaded.item_ids
+        out_dir = args.out or Path("runs") / Path(args.data).stem
+    if args.max_items is not None and args.data is None:
+        embeddings, item_ids = embeddings[: args.max_items], item_ids[: args.max_items]
+        labels = labels[: args.max_items]
+    if embeddings.shape[0] < 2:
+        raise UserError(f"need at least 2 items to train, got {embeddings.shape[0]}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
+    checkpoint = out_dir / "checkpoint.pt"
+    if args.resume and not checkpoint.exists():
+        raise UserError(f"--resume: no checkpoint at {checkpoint}")
+
+    torch.manual_seed(args.seed)
+    model = _model_from_args(args, int(embeddings.shape[1]))
+    device = resolve_device(args.device)
+    if args.method == "rqkmeans":
+        if args.resume:
+            raise UserError("--resume applies to --method rqvae only (RQ-KMeans has no epochs)")
+        model.to(device)
+        _say(f"fitting RQ-KMeans: {args.layers} layers x {model.codebook_sizes} codes on "
+             f"{embeddings.shape[0]} items")
+        model.fit(embeddings, iters=args.kmeans_iters, seed=args.seed, max_samples=args.init_samples)
+        save_checkpoint(checkpoint, model.cpu())
+        model.to(device)
+    else:
+        trainer = Trainer(model, _train_config(args), out_dir=out_dir, plot=args.plot, log=_say)
+        _say(f"training RQ-VAE {embeddings.shape[1]} -> {args.latent_dim} on {trainer.device}: "
+             f"{args.layers} layers x {model.codebook_sizes} codes, {args.epochs} epochs, batch "
+             f"{args.batch_size}, {trainer.config.optimizer} lr {trainer.config.learning_rate:g}")
+        result = trainer.fit(embeddings, resume_from=checkpoint if args.resume else None)
+        model = result.model
+
+    codes = model.get_semantic_ids(embeddings, batch_size=65536).cpu().numpy()
+    summary = {"items": int(codes.shape[0]), "method": args.method, "config": model.config}
+    lines = _id_report(codes, model.codebook_sizes, summary)
+    if labels is not None:
+        lines += _purity_report(codes, labels, level_names, summary)
+    final = codes if args.no_dedup else _with_dedup(codes)
+    written = _write_outputs(out_dir, final, item_ids, args.format, summary)
+    for line in lines:
+        _say(line)
+    _say(f"wrote {checkpoint} (model), " + ", ".join(str(p) for p in written)
+         + (f", {out_dir / 'log.csv'} (per-epoch log)" if args.method == "rqvae" else ""))
+    _say(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _with_dedup(codes: np.ndarray) -> np.ndarray:
+    from .semantic_ids import add_dedup_position
+
+    return add_dedup_position(codes)
+
+
+def _id_report(codes: np.ndarray, sizes: Sequence[int], summary: dict) -> List[str]:
+    from .metrics import collision_stats, layer_stats
+
+    collisions = collision_stats(codes)
+    layers = layer_stats(codes, sizes)
+    summary["collisions"] = collisions.as_dict()
+    summary["layers"] = [vars(layer) for layer in layers]
+    usage_text = ", ".join(f"layer {s.layer}: {s.used}/{s.size} used, perplexity {s.perplexity:.0f}"
+                           for s in layers)
+    return [
+        f"codes: {usage_text}",
+        f"collisions: {collisions.colliding_share:.1%} of {collisions.items} items share their "
+        f"{len(sizes)}-code ID with another item (largest group {collisions.largest_group}, "
+        f"{collisions.unique_ids} distinct IDs); a last position 0, 1, 2, ... makes each ID unique",
+    ]
+
+
+def _purity_report(codes, labels, level_names, summary) -> List[str]:
+    from .metrics import prefix_purity
+
+    levels = prefix_purity(codes, labels.numpy(), level_names)
+    summary["prefix_purity"] = [vars(level) for level in levels]
+    lines = ["prefix purity (share of items whose ID prefix's majority category is their own; "
+             "chance = same groups, shuffled labels):"]
+    for level in levels:
+        lines.append(f"  first {level.depth} code{'s' if level.depth > 1 else ' '} vs "
+                     f"{level.level:<12} {level.purity:.3f}  (chance {level.chance:.3f}, "
+                     f"{level.groups} prefixes)")
+    return lines
+
+
+def _write_outputs(out_dir: Path, codes: np.ndarray, item_ids: Sequence, fmt: str,
+                   summary: Optional[dict]) -> List[Path]:
+    """Stage codes.npy, ids.<fmt> and summary.json; all are renamed into place together at the end."""
+    from .semantic_ids import table_format, token_strings, write_codes, write_table
+
+    table_format(f"ids.{fmt}")
+    paths = [out_dir / "codes.npy", out_dir / f"ids.{fmt}"]
+    with contextlib.ExitStack() as stack:
+        staged_codes = stack.enter_context(atomic_output(paths[0], suffix=".npy"))
+        staged_table = stack.enter_context(atomic_output(paths[1], suffix=f".{fmt}"))
+        write_codes(staged_codes, codes)
+        write_table(staged_table, item_ids, codes, fmt)
+        if summary is not None:
+            paths.append(out_dir / "summary.json")
+            staged_summary = stack.enter_context(atomic_output(paths[2]))
+            summary["example_ids"] = dict(zip(map(str, item_ids[:3]), token_strings(codes[:3])))
+            staged_summary.write_text(json.dumps(summary, indent=1, default=_json_default))
+    return paths
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def cmd_encode(args) -> int:
+    from .checkpoint import load_model
+    from .semantic_ids import encode_source
+    from .trainer import resolve_device
+
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device=device)
+    source = open_embeddings(args.data, args.column, args.id_column)
+    encoded = encode_source(model, source, batch_size=args.batch_size, device=device,
+                            drop_nonfinite=args.drop_nonfinite, progress=not args.no_progress)
+    if encoded.dropped_rows:
+        _say(f"skipped {len(encoded.dropped_rows)} rows holding NaN/Inf")
+    summary = {"items": int(encoded.codes.shape[0]), "checkpoint": str(args.checkpoint),
+               "data": str(args.data), "dropped_rows": encoded.dropped_rows[:1000]}
+    lines = _id_report(encoded.codes, model.codebook_sizes, summary)
+    final = encoded.codes if args.no_dedup else _with_dedup(encoded.codes)
+    out_dir = args.out or Path("runs") / f"{Path(args.data).stem}_ids"
+    written = _write_outputs(Path(out_dir), final, encoded.item_ids, args.format, summary)
+    elapsed = time.perf_counter() - started
+    for line in lines:
+        _say(line)
+    _say(f"wrote " + ", ".join(str(p) for p in written)
+         + f" ({encoded.codes.shape[0]} items in {elapsed:.1f} s, "
+           f"{encoded.codes.shape[0] / max(elapsed, 1e-9):,.0f} items/s)")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .metrics import collision_stats, layer_stats
+
+    path: Path = args.path
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        return _checkpoint_stats(path, args.json)
+    if suffix == ".npy":
+        try:
+            codes = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise UserError(f"{path}: not a readable .npy file ({exc})") from None
+        if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+            raise UserError(f"{path}: expected (items x positions) integer codes, got "
+                            f"{codes.dtype} {codes.shape}")
+        codes = np.asarray(codes)
+    else:
+        from .semantic_ids import read_table
+
+        _, codes = read_table(path)
+    if codes.shape[0] == 0:
+        raise UserError(f"{path}: holds no IDs")
+    sizes = [int(max(codes[:, i].max(), 0)) + 1 for i in range(codes.shape[1])]
+    layers = layer_stats(codes, sizes)
+    collisions = collision_stats(codes)
+    prefixes = [collision_stats(codes[:, :d]) for d in range(1, codes.shape[1])]
+    if args.json:
+        print(json.dumps({"items": int(codes.shape[0]), "positions": int(codes.shape[1]),
+                          "layers": [vars(s) for s in layers],
+                          "collisions": collisions.as_dict(),
+                          "prefix_groups": [p.unique_ids for p in prefixes]}, default=_json_default))
+        return 0
+    _say(f"{path}: {codes.shape[0]} items, {codes.shape[1]} positions")
+    for s in layers:
+        _say(f"  position {s.layer}: {s.used} distinct codes (max code {s.size - 1}), "
+             f"perplexity {s.perplexity:.1f}")
+    for depth, p in enumerate(prefixes, start=1):
+        _say(f"  first {depth} position(s): {p.unique_ids} distinct prefixes, largest group "
+             f"{p.largest_group}")
+    _say(f"  full ID: {collisions.unique_ids} distinct, collision rate {collisions.collision_rate:.2%}, "
+         f"{collisions.colliding_share:.2%} of items share their ID, largest group "
+         f"{collisions.largest_group}")
+    return 0
+
+
+def _checkpoint_stats(path: Path, as_json: bool) -> int:
+    from .checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    trainer = payload.get("trainer") or {}
+    info = {"config": payload["config"], "epochs_done": trainer.get("epoch"),
+            "best_epoch": trainer.get("best_epoch"), "finished": trainer.get("finished"),
+            "last_metrics": payload.get("metrics") or {}}
+    if as_json:
+        print(json.dumps(info, default=_json_default))
+        return 0
+    _say(f"{path}: {payload['config'].get('kind')} checkpoint, format v{payload['format_version']}")
+    _say("  config: " + ", ".join(f"{k}={v}" for k, v in payload["config"].items() if k != "kind"))
+    if trainer:
+        _say(f"  epochs done: {trainer.get('epoch')}, best epoch: {trainer.get('best_epoch')}, "
+             f"finished: {trainer.get('finished')}")
+    metrics = payload.get("metrics") or {}
+    shown = {k: v for k, v in metrics.items() if k != "warnings"}
+    if shown:
+        _say("  last epoch: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    for warning in metrics.get("warnings", []):
+        _say(f"  warning: {warning}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    try:
+        from . import bench
+    except ImportError as exc:
+        raise UserError(f"the benchmark module is not available in this installation ({exc})") from None
+    result = bench.main(list(args.args))
+    return int(result or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; use smaller --batch-size or --max-items",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -575,3 +575,15 @@ def test_all_nan_batch_keeps_trained_ema_codebooks_finite(backend, kind):
     assert (indices == -1).all() and torch.isnan(loss)
     for key, value in module.state_dict().items():
         assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("warm", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_leaves_vq_embedding_ema_alone(backend, warm):
+    """README: an empty batch "leaves EMA state unchanged on a single process" (test_bad_input
+    checks ResidualVQ); a fresh module would otherwise divide by a zero total."""
+    module, _ = make_module("VQEmbeddingEMA", backend, warm=warm)
+    module.train()
+    before = state(module)
+    call(module, torch.zeros(0, D, device=DEVICE))
+    assert_state_equal(module, before)

@@ -108,7 +108,8 @@ class EmbeddingSource:
                 block = self._array[start:stop]
                 if isinstance(block, torch.Tensor):
                     block = block.detach().to(torch.float32).numpy()
-                yield start, np.ascontiguousarray(block, dtype=np.float32)
+                # an owned copy: the file is read here (on the caller's prefetch thread, if any)
+                yield start, np.array(block, dtype=np.float32, order="C", copy=True)
         elif self.kind == "csv":
             yield from _iter_csv(self, batch_size)
         elif self.kind == "parquet":

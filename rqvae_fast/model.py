@@ -212,6 +212,19 @@ class RQVAE(nn.Module):
         load_codebooks(self.vq, results)
 
     @torch.no_grad()
+    def initialize_output_layer(self, data: torch.Tensor, scale: float = 0.01) -> None:
+        """Start the decoder's last ``Linear`` at the data: bias = mean of ``data (N, input_dim)``,
+        weights shrunk by ``scale``.
+
+        Item embeddings have small per-dimension spread (a unit-norm 768-d vector: ~0.04) while a
+        default-initialized output layer emits values ~0.3; the first epochs would otherwise go to
+        shrinking the output, dragging the latents away from their k-means codebooks (collapse).
+        """
+        last = self.decoder.decoder[-1]
+        last.weight.mul_(scale)
+        last.bias.copy_(data.detach().to(last.bias.device, torch.float32).mean(dim=0))
+
+    @torch.no_grad()
     def recalibrate_batchnorm(self, data: torch.Tensor, batch_size: int = 1024,
                               max_batches: int = 16) -> None:
         """Recompute every BatchNorm's running statistics as the plain average over up to

@@ -47,6 +47,8 @@ class TrainConfig:
       training steps over which beta rises linearly to the model's ``commitment_cost``.
     - ``dead_code_window``: steps after which codes unused during them are re-seeded from current
       residuals; ``None`` = one epoch, ``0`` = never. Not done in the final epoch.
+    - ``output_init``: before the codebook k-means of a fresh model, start the decoder's output
+      layer at the data mean with small weights (:meth:`RQVAE.initialize_output_layer`).
     - ``patience``: epochs without a relative improvement of ``min_delta`` in the validation loss
       before stopping (``0`` = never stop early). The best epoch's weights are kept.
     """
@@ -71,6 +73,7 @@ class TrainConfig:
     eval_max_items: int = 65_536
     eval_batch_size: int = 8192
     collapse_usage: float = COLLAPSE_USAGE
+    output_init: bool = True
     device: str = "auto"
     progress: bool = True
 
@@ -184,9 +187,13 @@ class Trainer:
 
     def _scheduler(self, optimizer, total_steps: int):
         if self.config.scheduler == "onecycle":
+            if total_steps < 4:  # too short for a warm-up and an annealing phase
+                return None
+            # 10% warm-up, but at least two steps (OneCycleLR needs each phase to span steps)
+            pct_start = min(0.5, max(0.1, 2.5 / total_steps))
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.config.learning_rate, total_steps=max(1, total_steps),
-                pct_start=0.1, cycle_momentum=False)
+                optimizer, max_lr=self.config.learning_rate, total_steps=total_steps,
+                pct_start=pct_start, cycle_momentum=False)
         if self.config.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
         return None
@@ -232,6 +239,8 @@ class Trainer:
             best_state = self._resume(resume_from, data, optimizer, scheduler, state, window_counts)
         elif not model.initialized:
             init_rows = train_rows[: cfg.init_samples]
+            if cfg.output_init:
+                model.initialize_output_layer(source[init_rows.to(source.device)])
             model.initialize_codebooks(source[init_rows.to(source.device)], self.device,
                                        max_samples=cfg.init_samples, method=cfg.init_method,
                                        iters=cfg.kmeans_iters, seed=cfg.seed,

@@ -7,6 +7,15 @@ import torch.nn.functional as F
 from rqvae_fast.model import RQDecoder, RQEncoder, RQVAE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(**kw):
     torch.manual_seed(0)
     options = dict(input_dim=24, hidden_dims=[20, 12], latent_dim=6, num_vq_layers=3,

@@ -24,8 +24,9 @@ from .tiles import row_tile
 @triton.jit
 def _residual_quantize_fwd_kernel(
     x_ptr,            # (N, D) input rows, any float dtype
-    codes_ptr,        # (K_total, D) all codebooks stacked, any float dtype
-    sq_norm_ptr,      # (K_total,) fp32 squared code norms
+    codes_ptr,        # (K_total, D) all codebooks stacked, any float dtype (gathered)
+    search_ptr,       # (K_total, D) the same with non-finite codes zeroed (scored)
+    sq_norm_ptr,      # (K_total,) fp32 squared code norms, +inf for non-finite codes
     layer_start_ptr,  # (L + 1,) int32: codebook l is rows [start[l], start[l+1]) of codes
     out_ptr,          # (N, D) quantized output, dtype of x
     idx_ptr,          # (N, L) int64 chosen code per layer (layer-local), -1 for non-finite rows
@@ -70,7 +71,7 @@ def _residual_quantize_fwd_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_in = ks < k_end
-            codes = tl.load(codes_ptr + ks[:, None] * D + dims[None, :],
+            codes = tl.load(search_ptr + ks[:, None] * D + dims[None, :],
                             mask=k_in[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
             if PRECISION == "bf16":
                 if BF16_AS_FP32:  # products of bf16 values are exact in fp32
@@ -80,8 +81,9 @@ def _residual_quantize_fwd_kernel(
                     dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16)))
             else:
                 dots = tl.dot(lhs, tl.trans(codes), input_precision=PRECISION)
-            sq_norm = tl.load(sq_norm_ptr + ks, mask=k_in, other=0.0)
-            dist = tl.where(k_in[None, :], sq_norm[None, :] - 2.0 * dots, float("inf"))
+            # Codes past the layer's end load as zero vectors with +inf norm: never chosen.
+            sq_norm = tl.load(sq_norm_ptr + ks, mask=k_in, other=float("inf"))
+            dist = sq_norm[None, :] - 2.0 * dots
             tile_best = tl.min(dist, axis=1)
             tile_idx = tl.argmin(dist, axis=1).to(tl.int32) + k0
             better = tile_best < best  # strict: an earlier tile wins ties
@@ -125,6 +127,7 @@ def _residual_quantize_fwd_kernel(
 def residual_quantize_forward(
     x: torch.Tensor,
     codes: torch.Tensor,
+    search_codes: torch.Tensor,
     sq_norms: torch.Tensor,
     layer_starts: torch.Tensor,
     layer_sizes: Sequence[int],
@@ -135,7 +138,8 @@ def residual_quantize_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused forward.
 
-    x ``(N, D)`` contiguous; codes ``(K_total, D)`` contiguous; sq_norms ``(K_total,)`` fp32;
+    x ``(N, D)`` contiguous; codes and search_codes ``(K_total, D)`` contiguous (see
+    :func:`rqvae_fast.backend.search_operands`); sq_norms ``(K_total,)`` fp32;
     layer_starts ``(L + 1,)`` int32 on x's device. Returns ``quantized (N, D)`` in x's dtype,
     ``indices (N, L)`` int64, ``sse (L,)`` fp32, ``counts (K_total,)`` fp32, ``sums (K_total, D)`` fp32
     (empty, ``(0,)`` and ``(0, D)``, when ``with_stats`` is false).
@@ -152,7 +156,7 @@ def residual_quantize_forward(
     sums = torch.zeros((k_total, dim) if with_stats else (1, 1), dtype=torch.float32, device=x.device)
     if n > 0:
         _residual_quantize_fwd_kernel[grid](
-            x, codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
+            x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
             NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats,
             PRECISION=precision, BF16_AS_FP32=x.device.type == "cpu", BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps,

@@ -64,21 +64,31 @@ def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: 
     scatter-adds run sequentially on the CPU.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        sq_norms = codes.float().pow(2).sum(dim=1)
+        search_codes, sq_norms = search_operands(codes)
         if triton_path:
             from .kernels import residual_quantize_forward
 
             sorted_stats = with_stats and deterministic
             out = residual_quantize_forward(
-                x, codes, sq_norms, layer_starts(layer_sizes, x.device), layer_sizes,
+                x, codes, search_codes, sq_norms, layer_starts(layer_sizes, x.device), layer_sizes,
                 routing=routing, precision=precision, with_stats=with_stats and not sorted_stats)
             if sorted_stats:
                 counts, sums = sorted_code_statistics(x, codes, layer_sizes, out[1], routing)
                 out = (out[0], out[1], out[2], counts, sums)
             return out
         return torch_backend.residual_quantize_forward(
-            x, codes, sq_norms, layer_sizes, routing=routing, precision=precision,
+            x, codes, search_codes, sq_norms, layer_sizes, routing=routing, precision=precision,
             with_stats=with_stats)
+
+
+def search_operands(codes: Tensor) -> Tuple[Tensor, Tensor]:
+    """What the nearest-code search scores: ``codes (K, D)`` with non-finite codes zeroed, and
+    ``(K,)`` fp32 squared norms that are +inf for them, so a NaN/Inf code is never chosen (unless
+    a whole codebook is non-finite: then code 0, and the NaN output shows it)."""
+    sq_norms = codes.float().pow(2).sum(dim=1)
+    usable = torch.isfinite(sq_norms)
+    return (torch.where(usable[:, None], codes, torch.zeros((), dtype=codes.dtype, device=codes.device)),
+            torch.where(usable, sq_norms, float("inf")))
 
 
 @quantize_forward.register_fake

@@ -114,9 +114,16 @@ def ema_update_(
     ``ema_dw = decay * ema_dw + (1 - decay) * sums``; then with ``n = sum(ema_cluster_size)`` the
     Laplace-smoothed sizes ``(size + eps) / (n + K eps) * n`` divide ``ema_dw`` into the codebook.
     counts ``(K,)`` and sums ``(K, D)`` come from :func:`residual_quantize` (``code_counts``/``code_sums``).
+
+    A step whose counts are all zero (an empty or all-NaN batch) leaves all three unchanged, so a
+    bad batch cannot decay or poison the codebook; the choice is made on the device (no sync).
     """
-    ema_cluster_size.mul_(decay).add_(counts.to(ema_cluster_size.dtype), alpha=1 - decay)
-    ema_dw.mul_(decay).add_(sums.to(ema_dw.dtype), alpha=1 - decay)
-    total = ema_cluster_size.sum()
-    smoothed = (ema_cluster_size + eps) / (total + codebook.shape[0] * eps) * total
-    codebook.copy_((ema_dw / smoothed.unsqueeze(1)).to(codebook.dtype))
+    seen = counts.sum() > 0
+    new_size = ema_cluster_size * decay + counts.to(ema_cluster_size.dtype) * (1 - decay)
+    new_dw = ema_dw * decay + sums.to(ema_dw.dtype) * (1 - decay)
+    total = new_size.sum()
+    smoothed = (new_size + eps) / (total + codebook.shape[0] * eps) * total
+    new_codes = (new_dw / smoothed.unsqueeze(1)).to(codebook.dtype)
+    ema_cluster_size.copy_(torch.where(seen, new_size, ema_cluster_size))
+    ema_dw.copy_(torch.where(seen, new_dw, ema_dw))
+    codebook.copy_(torch.where(seen & (smoothed > 0).unsqueeze(1), new_codes, codebook))

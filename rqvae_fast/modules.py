@@ -131,7 +131,9 @@ class VQEmbeddingEMA(VQEmbedding):
 
     def apply_ema(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """One EMA step from a batch's per-code ``counts (K,)`` and residual ``sums (K, D)``."""
-        ema_update_(self.embeddings.data, self.ema_cluster_size, self.ema_dw, counts, sums,
+        # In place on the Parameter itself (not .data): its version counter moves, so a graph that
+        # saved the pre-update codebook (e.g. an input aliasing it) raises instead of going stale.
+        ema_update_(self.embeddings, self.ema_cluster_size, self.ema_dw, counts, sums,
                     self.decay, self.eps)
 
 
@@ -234,8 +236,6 @@ def _ema_step(layers: Sequence[VQEmbedding], result, sync: Optional[bool]) -> No
     if distributed.should_sync(sync):
         # One collective for all layers, on every rank (an empty batch adds zeros).
         counts, sums = distributed.all_reduce_code_stats(counts, sums)
-    elif result.indices.numel() == 0:
-        return  # nothing seen on a single process: leave the averages alone
     for layer, layer_counts, layer_sums in zip(layers, counts, sums):
         layer.apply_ema(layer_counts, layer_sums)
 

@@ -30,15 +30,25 @@ def nearest_code(residual: torch.Tensor, codebook: torch.Tensor, precision: str)
     """Index of the nearest code for each row: ``argmin_k ||c_k||^2 - 2 r.c_k``.
 
     residual ``(N, D)`` fp32, codebook ``(K, D)``; returns ``(N,)`` int64. ``||r||^2`` is the same for
-    every code of a row, so it is left out. Ties go to the lowest index (``torch.argmin``).
+    every code of a row, so it is left out. Ties go to the lowest index (``torch.argmin``). A code
+    holding NaN/Inf is never chosen (unless all are: then code 0).
     """
     codebook = codebook.float()
+    usable = torch.isfinite(codebook).all(dim=1)
+    codebook = torch.where(usable[:, None], codebook, 0.0)
     sq_norms = (codebook * codebook).sum(dim=1)
     if precision == "bf16":  # bf16 operands, fp32 products and sums
         dots = residual.bfloat16().float() @ codebook.bfloat16().float().t()
     else:
         dots = residual @ codebook.t()
-    return torch.argmin(sq_norms - 2.0 * dots, dim=1)
+    scores = torch.where(usable, sq_norms - 2.0 * dots, float("inf"))
+    best = torch.argmin(scores, dim=1)
+    # A matmul may round identical codes differently: the lowest index among exact copies wins.
+    _, copy_group = torch.unique(codebook, dim=0, return_inverse=True)
+    first_of_group = torch.full((codebook.shape[0],), codebook.shape[0], device=codebook.device)
+    first_of_group.scatter_reduce_(0, copy_group, torch.arange(codebook.shape[0], device=codebook.device),
+                                   reduce="amin")
+    return first_of_group[copy_group][best]
 
 
 def residual_quantize_reference(

@@ -14,9 +14,30 @@ from .routing import FULL, SEED
 CHUNK_ROWS = 8192
 
 
+def first_copy_index(codebook: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` int64: for each code, the lowest index holding an identical code.
+
+    A BLAS GEMM may round identical columns differently (edge columns take other micro-kernels),
+    so ``argmin`` could pick a later copy of a duplicated code; mapping through this restores
+    "ties go to the lowest index". Rows are keyed by a float64 projection, sorted stably, and
+    neighbours are merged only when exactly equal.
+    """
+    num_codes, dim = codebook.shape
+    weights = torch.linspace(1.0, 2.0, dim, dtype=torch.float64, device=codebook.device)
+    order = torch.argsort(codebook.double() @ weights, stable=True)
+    ordered = codebook[order]
+    same = (ordered[1:] == ordered[:-1]).all(dim=1)
+    starts = torch.cat([same.new_ones(1), ~same])
+    leaders = order[starts]
+    canonical = torch.empty_like(order)
+    canonical[order] = leaders[starts.cumsum(dim=0) - 1]
+    return canonical
+
+
 def residual_quantize_forward(
     x: torch.Tensor,
     codes: torch.Tensor,
+    search_codes: torch.Tensor,
     sq_norms: torch.Tensor,
     layer_sizes: Sequence[int],
     *,
@@ -34,7 +55,9 @@ def residual_quantize_forward(
     norms = sq_norms.split(list(layer_sizes))
     # bf16: operands rounded to bf16, products and sums in fp32 (as bf16 tensor cores do).
     bf16 = precision == "bf16"
-    codebooks_t = [(c.bfloat16().float() if bf16 else c).t() for c in codebooks]
+    scored = search_codes.float()
+    codebooks_t = [(c.bfloat16().float() if bf16 else c).t() for c in scored.split(list(layer_sizes))]
+    canonical = [first_copy_index(c) for c in codebooks]
     starts = [0]
     for size in layer_sizes:
         starts.append(starts[-1] + size)
@@ -55,7 +78,7 @@ def residual_quantize_forward(
         for layer in range(num_layers):
             lhs = residual.bfloat16().float() if bf16 else residual
             scores = torch.addmm(norms[layer], lhs, codebooks_t[layer], alpha=-2.0)
-            best = scores.argmin(dim=1)
+            best = canonical[layer].index_select(0, scores.argmin(dim=1))
             chosen = codebooks[layer].index_select(0, best)
             chosen = torch.where(row_ok[:, None], chosen, float("nan"))
             err = chosen - residual

@@ -41,3 +41,15 @@ def test_scores_are_computed_in_bounded_chunks(monkeypatch):
     monkeypatch.setattr(torch, "addmm", real_addmm)
     ref = residual_quantize(x, books, backend="torch", precision="ieee")
     assert torch.equal(out.indices, ref.indices)
+
+
+def test_first_copy_index_maps_exact_duplicates_to_the_lowest_index():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 7, generator=gen)
+    picks = torch.randint(0, 40, (300,), generator=gen)
+    codebook = base[picks]  # many exact duplicates, in random order
+    codebook[5, 2] = torch.nextafter(codebook[5, 2], torch.tensor(10.0))  # a near copy stays itself
+    canonical = torch_backend.first_copy_index(codebook)
+    for k in range(codebook.shape[0]):
+        equal = (codebook == codebook[k]).all(dim=1).nonzero().flatten()
+        assert canonical[k] == equal.min()

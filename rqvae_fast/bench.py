@@ -97,6 +97,38 @@ def collect_meta(device: torch.device, precision: str, argv: Sequence[str]) -> d
     return meta
 
 
+class OtherLoad:
+    """Share of the machine's CPU time used by *other* processes between :meth:`start` and
+    :meth:`share` (Linux ``/proc/stat`` minus this process's own CPU time); ``nan`` elsewhere.
+    Recorded with every CPU report: CPU timings on a shared machine are only as good as this."""
+
+    def __init__(self):
+        self.start()
+
+    @staticmethod
+    def _snap():
+        try:
+            with open("/proc/stat") as fh:
+                ticks = [int(v) for v in fh.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return sum(ticks), ticks[3] + ticks[4], time.monotonic(), os.times()
+
+    def start(self) -> None:
+        self.begin = self._snap()
+
+    def share(self) -> float:
+        end = self._snap()
+        if self.begin is None or end is None:
+            return float("nan")
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = ((end[0] - self.begin[0]) - (end[1] - self.begin[1])) / hz
+        own = (end[3].user + end[3].system) - (self.begin[3].user + self.begin[3].system)
+        wall = end[2] - self.begin[2]
+        ncpu = os.cpu_count() or 1
+        return min(1.0, max(0.0, (busy - own) / (ncpu * wall))) if wall > 0 else float("nan")
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -115,10 +147,13 @@ def time_case(case: pa.Case, *, reps: int, max_seconds: float) -> tuple:
 
 
 def measure_case(case: pa.Case, ceilings: Ceilings, *, reps: int, max_seconds: float,
-                 warm_calls: int = 2) -> dict:
-    """Warm, time and size one case; returns its JSON row."""
+                 warm_calls: int = 2, stat: str = "median") -> dict:
+    """Warm, time and size one case; returns its JSON row. ``ms`` is the median (or, with
+    ``stat="min"``, the fastest repetition: robust on a CPU shared with other jobs); both are kept
+    as ``median_ms`` and ``min_ms``."""
     case.warm(warm_calls)
-    ms, min_ms = time_case(case, reps=reps, max_seconds=max_seconds)
+    median, min_ms = time_case(case, reps=reps, max_seconds=max_seconds)
+    ms = min_ms if stat == "min" else median
     peak = pa.peak_extra_bytes(case)
     roof = roofline(case.shape, case.mode, case.precision, ms, ceilings)
     outputs = output_bytes(case.shape, case.mode)
@@ -126,7 +161,8 @@ def measure_case(case: pa.Case, ceilings: Ceilings, *, reps: int, max_seconds: f
         "provider": case.provider, "backend": case.backend, "mode": case.mode,
         "shape": case.shape.name or case.shape.label, "N": case.shape.n, "D": case.shape.d,
         "K": case.shape.k, "L": case.shape.layers, "precision": case.precision,
-        "device": ceilings.device, "ms": ms, "min_ms": min_ms, "tflops": roof.tflops, "gbps": roof.gbps,
+        "device": ceilings.device, "ms": ms, "stat": stat, "median_ms": median,
+        "min_ms": min_ms, "tflops": roof.tflops, "gbps": roof.gbps,
         "gflop": roof.gflop, "min_mbytes": roof.mbytes, "floor_ms": roof.floor_ms,
         "roofline_fraction": roof.fraction, "bound": roof.bound,
         "peak_extra_mib": peak / MIB, "output_mib": outputs / MIB,
@@ -147,7 +183,7 @@ def _release(device: torch.device) -> None:
 def run_matrix(shapes: Sequence[Shape], modes: Sequence[str], providers: Sequence[str],
                device: torch.device, precision: str, ceilings: Ceilings, *, backend: str = "auto",
                allow_interpreted: bool = False, reps: int = 5, max_seconds: float = 3.0,
-               skip: Iterable[str] = (), log=None) -> List[dict]:
+               skip: Iterable[str] = (), stat: str = "median", log=None) -> List[dict]:
     """Measure every (shape, mode, provider); unavailable or failing ones get a row with ``skipped``
     or ``error`` instead of numbers. ``skip`` holds ``provider:mode:shape`` glob patterns."""
     skip = list(skip)
@@ -169,7 +205,8 @@ def run_matrix(shapes: Sequence[Shape], modes: Sequence[str], providers: Sequenc
                 try:
                     case = pa.build_case(provider, mode, shape, device, precision, backend=backend,
                                          allow_interpreted=allow_interpreted)
-                    row = measure_case(case, ceilings, reps=reps, max_seconds=max_seconds)
+                    row = measure_case(case, ceilings, reps=reps, max_seconds=max_seconds,
+                                       stat=stat)
                     del case
                 except pa.Unavailable as err:
                     row = {**base, "skipped": str(err)}
@@ -225,8 +262,9 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
         if timed:
             head += (f" | {timed[0]['gflop']:.3g} GFLOP, {timed[0]['min_mbytes']:.3g} MB,"
                      f" floor {timed[0]['floor_ms']:.3g} ms ({timed[0]['bound']})")
-        cols = ["provider", "ms"] + [f"x{SHORT.get(p, p)}" for p in peers] + \
-            ["TFLOP/s", "GB/s", "%roof", "MiB", "MiB/out", "1st call s"]
+        stat = timed[0].get("stat", "median") if timed else "median"
+        cols = ["provider", f"ms ({stat})"] + [f"x{SHORT.get(p, p)}" for p in peers] + \
+            ["median", "min", "TFLOP/s", "GB/s", "%roof", "MiB", "MiB/out", "1st call s"]
         lines = []
         for r in group:
             if "ms" not in r:
@@ -239,7 +277,8 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
                      f"{r['ms']:.4g}"]
             cells += ["" if p == r["provider"] else
                       (f"{speed[p]:.2f}" if p in speed else "n/a") for p in peers]
-            cells += [fmt_si(r["tflops"]), fmt_si(r["gbps"]),
+            cells += [f"{r.get('median_ms', r['ms']):.4g}", f"{r.get('min_ms', r['ms']):.4g}",
+                      fmt_si(r["tflops"]), fmt_si(r["gbps"]),
                       fmt_si(100 * r["roofline_fraction"], 2), fmt_si(r["peak_extra_mib"]),
                       fmt_si(r["peak_over_outputs"], 2), fmt_si(r["first_call_s"], 2)]
             lines.append(cells)
@@ -297,13 +336,13 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 def run_sweep(axis: str, device: torch.device, precision: str, ceilings: Ceilings, *,
               modes: Sequence[str], providers: Sequence[str], quick: bool, backend: str,
-              reps: int, max_seconds: float, log=None) -> dict:
+              reps: int, max_seconds: float, stat: str = "median", log=None) -> dict:
     """Time and memory over an N or K sweep; exponents fitted over the upper half of the sweep
     (where the device is saturated), so ``time ~ (N K)^1`` and ``memory ~ N^1, K^0`` show up as
     slopes near 1, 1 and 0."""
     shapes = sweep_shapes(device, axis, quick)
     rows = run_matrix(shapes, modes, providers, device, precision, ceilings, backend=backend,
-                      reps=reps, max_seconds=max_seconds, log=log)
+                      reps=reps, max_seconds=max_seconds, stat=stat, log=log)
     fits = []
     for provider in providers:
         for mode in modes:
@@ -423,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, help="timed repetitions per case on CPU (default 5)")
     parser.add_argument("--max-seconds", type=float, default=3.0,
                         help="stop timing a case after this many seconds")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="which repetition statistic is 'ms' (min: for a CPU shared with "
+                             "other jobs); both are stored in the JSON")
     parser.add_argument("--ceilings", default="measure",
                         help="'measure' (default) or an anchors JSON with copy_GBps/*_TFLOPs")
     parser.add_argument("--sweep", choices=("none", "n", "k", "both"), default="none",
@@ -457,8 +499,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reps = args.reps or (2 if args.quick else 5)
 
     meta = collect_meta(device, precision, argv)
-    if device.type == "cpu" and meta.get("loadavg_at_start", 0) > 0.5 * (os.cpu_count() or 1):
-        log(f"warning: load average {meta['loadavg_at_start']} at start: CPU timings will be noisy")
+    load = OtherLoad()
+    if device.type == "cpu":
+        time.sleep(1.0)
+        meta["other_jobs_cpu_share_at_start"] = round(load.share(), 3)
+        if meta["other_jobs_cpu_share_at_start"] > 0.1:
+            log(f"warning: other processes use {100 * meta['other_jobs_cpu_share_at_start']:.0f}% "
+                "of the CPUs: timings will be noisy (consider --stat min)")
+        load.start()
     if args.ceilings == "measure":
         log("measuring ceilings (device copy, matmul per precision) ...")
         ceilings = measure_ceilings(device, quick=args.quick)
@@ -469,24 +517,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     report = {"meta": meta, "ceilings": ceilings.to_dict(), "rows": [], "sweeps": []}
     text_parts = [f"rqvae-fast bench | {meta['date']} | {meta['device']} | torch {meta['torch']}"
-                  f" | triton {meta['triton']} | commit {meta['commit']} | precision {precision}"]
+                  f" | triton {meta['triton']} | commit {meta['commit']} | precision {precision}"
+                  f" | ms = {args.stat} of repetitions"]
     if not args.no_matrix:
         report["rows"] = run_matrix(shapes, modes, providers, device, precision, ceilings,
                                     backend=args.backend, allow_interpreted=args.allow_interpreted,
                                     reps=reps, max_seconds=args.max_seconds, skip=args.skip,
-                                    log=log)
+                                    stat=args.stat, log=log)
         text_parts.append(format_table(report["rows"]))
     axes = {"none": (), "n": ("n",), "k": ("k",), "both": ("n", "k")}[args.sweep]
     for axis in axes:
         sweep = run_sweep(axis, device, precision, ceilings, modes=_split(args.sweep_modes),
                           providers=_split(args.sweep_providers), quick=args.quick,
-                          backend=args.backend, reps=reps, max_seconds=args.max_seconds, log=log)
+                          backend=args.backend, reps=reps, max_seconds=args.max_seconds,
+                          stat=args.stat, log=log)
         report["sweeps"].append(sweep)
         text_parts.append(format_sweep(sweep))
     if args.plot and report["sweeps"]:
         if plot_sweeps(report["sweeps"], args.plot):
             text_parts.append(f"plot: {args.plot}")
 
+    if hasattr(os, "getloadavg"):
+        meta["loadavg_at_end"] = round(os.getloadavg()[0], 2)
+    if device.type == "cpu":
+        meta["other_jobs_cpu_share_during_run"] = round(load.share(), 3)
+        text_parts.append(f"other processes used {100 * meta['other_jobs_cpu_share_during_run']:.0f}% "
+                          "of the CPUs during this run")
     text = "\n".join(text_parts)
     print(text, flush=True)
     path = args.json or os.path.join(

@@ -64,9 +64,11 @@ def load_checkpoint(path) -> Dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({reason[:120]})") from None
+        raise CheckpointError(f"{path}: truncated or not an rqvae-fast checkpoint "
+                              f"({reason[:120]})") from None
     except Exception as exc:  # unpickling errors of foreign files come in many types
-        raise CheckpointError(f"{path}: not an rqvae-fast checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"{path}: truncated or not an rqvae-fast checkpoint "
+                              f"({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an rqvae-fast checkpoint")
     version = payload.get("format_version")

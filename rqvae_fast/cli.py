@@ -116,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste"), default="seed",
                        help="gradient routing through the quantizer (see README)")
     train = fit.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=20)
-    train.add_argument("--batch-size", type=_positive_int, default=1024)
-    train.add_argument("--optimizer", choices=("adamw", "adagrad"), default="adamw")
+    train.add_argument("--epochs", type=_positive_int, default=20, help="passes over the data")
+    train.add_argument("--batch-size", type=_positive_int, default=1024, help="items per step")
+    train.add_argument("--optimizer", choices=("adamw", "adagrad"), default="adamw",
+                       help="AdamW, or Adagrad as TIGER")
     train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 AdamW, 0.4 Adagrad)")
     train.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    train.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle")
+    train.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle",
+                       help="learning-rate schedule (per step)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     train.add_argument("--beta-start", type=float, default=0.1,
                        help="commitment cost at the start of the warm-up (negative = no warm-up)")
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="epochs without validation improvement before stopping (0 = never)")
     train.add_argument("--init-samples", type=_positive_int, default=100_000,
                        help="items used for the k-means codebook initialization")
-    train.add_argument("--kmeans-iters", type=_positive_int, default=20)
+    train.add_argument("--kmeans-iters", type=_positive_int, default=20,
+                       help="Lloyd iterations of the fused k-means")
     train.add_argument("--seed", type=int, default=0, help="seed for weights, split, shuffling")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--resume", action="store_true",
@@ -148,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-dedup", action="store_true",
                      help="do not append the disambiguation position")
     demo = fit.add_argument_group("demo catalogue (without DATA)")
-    demo.add_argument("--num-items", type=_positive_int, default=50_000)
-    demo.add_argument("--dim", type=_positive_int, default=768)
+    demo.add_argument("--num-items", type=_positive_int, default=50_000, help="catalogue size")
+    demo.add_argument("--dim", type=_positive_int, default=768, help="embedding width")
     fit.set_defaults(func=cmd_fit)
 
     # ---- encode ----
@@ -161,12 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("checkpoint", type=Path, help="checkpoint.pt written by 'fit'")
     enc.add_argument("data", help=".npy, .pt, .csv/.tsv or .parquet file of item embeddings")
     enc.add_argument("--out", type=Path, help="output folder (default: runs/<DATA stem>_ids)")
-    enc.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv")
+    enc.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv",
+                     help="format of the ID table")
     enc.add_argument("--batch-size", type=_positive_int, default=65536, help="rows per batch")
     enc.add_argument("--no-dedup", action="store_true",
                      help="do not append the disambiguation position")
-    enc.add_argument("--device", default="auto")
-    enc.add_argument("--no-progress", action="store_true")
+    enc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_input_options(enc)
     enc.set_defaults(func=cmd_encode)
 
@@ -180,10 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_stats)
 
     # ---- bench ----
-    bench = commands.add_parser("bench", help="benchmark the quantizer (see 'bench --help')",
-                                add_help=False)
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
+    # 'bench' hands all its arguments to rqvae_fast.bench (main() routes it before parsing)
+    commands.add_parser("bench", help="benchmark the quantizer (see 'bench --help')",
+                        add_help=False)
     return parser
 
 
@@ -239,7 +242,7 @@ def cmd_fit(args) -> int:
 
         catalogue = make_catalogue(args.num_items, args.dim, seed=args.seed)
         embeddings, labels, level_names = catalogue.embeddings, catalogue.labels, catalogue.level_names
-        item_ids = [str(i) for i in range(len(catalogue))]
+        item_ids = np.arange(len(catalogue))
         counts = [int(labels[:, i].max()) + 1 for i in range(labels.shape[1])]
         _say(f"demo catalogue: {len(catalogue)} items x {args.dim}-d, "
              + " > ".join(f"{c} {_PLURALS.get(n, n)}" for c, n in zip(counts, level_names))
@@ -465,12 +468,13 @@ def _checkpoint_stats(path: Path, as_json: bool) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(argv: Sequence[str]) -> int:
+    """Run ``rqvae_fast.bench.main(argv)`` (imported only now: it may pull in heavy modules)."""
     try:
         from . import bench
     except ImportError as exc:
         raise UserError(f"the benchmark module is not available in this installation ({exc})") from None
-    result = bench.main(list(args.args))
+    result = bench.main(list(argv))
     return int(result or 0)
 
 
@@ -480,9 +484,11 @@ def cmd_bench(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
     try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -385,10 +385,11 @@ def nonfinite_error(path, rows: Sequence[int]) -> DataError:
 
 @dataclass
 class LoadedData:
-    """Embeddings ``(N, D)`` float32 in memory, the kept rows' ``item_ids``, and dropped row numbers."""
+    """Embeddings ``(N, D)`` float32 in memory, the kept rows' ``item_ids`` (the id column's values,
+    or the ``(N,)`` int64 row numbers when the file has none), and the dropped row numbers."""
 
     embeddings: torch.Tensor
-    item_ids: List[str]
+    item_ids: Sequence
     dropped_rows: List[int]
 
 
@@ -414,10 +415,10 @@ def load_embeddings(source: EmbeddingSource, *, drop_nonfinite: bool = False,
             keep[rows + start] = False
     if bad and not drop_nonfinite:
         raise nonfinite_error(source.path, bad)
-    ids = source.item_ids[:total] if source.item_ids is not None else [str(i) for i in range(total)]
+    ids = source.item_ids[:total] if source.item_ids is not None else np.arange(total)
     if bad:
         out = out[keep]
-        ids = [item for item, k in zip(ids, keep) if k]
+        ids = ids[keep] if isinstance(ids, np.ndarray) else [i for i, k in zip(ids, keep) if k]
         if out.shape[0] == 0:
             raise DataError(f"{source.path}: every row holds NaN/Inf; nothing left to use")
     return LoadedData(torch.from_numpy(out), ids, bad)

@@ -284,10 +284,15 @@ class RQKMeans(nn.Module):
         return quantized, indices
 
     @torch.no_grad()
-    def get_semantic_ids(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, L)`` int64 codes of ``x (N, D)``."""
-        return self.vq.quantize(x.to(self.vq.codebooks[0].device).float(),
-                                compute_stats=False).indices
+    def get_semantic_ids(self, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+        """``(N, L)`` int64 codes of ``x (N, D)``, ``batch_size`` rows at a time if given."""
+        device = self.vq.codebooks[0].device
+        step = batch_size or max(1, x.shape[0])
+        parts = [self.vq.quantize(x[i:i + step].to(device, torch.float32), compute_stats=False).indices
+                 for i in range(0, x.shape[0], step)]
+        if not parts:
+            return torch.empty((0, len(self.num_embeddings_list)), dtype=torch.int64, device=device)
+        return torch.cat(parts)
 
 
 __all__ = [

@@ -27,6 +27,7 @@ from .data import DataError, EmbeddingSource, UserError, atomic_output, nonfinit
 from .metrics import row_keys
 
 TABLE_FORMATS = ("csv", "jsonl", "parquet")
+_WRITE_CHUNK = 100_000  # rows formatted at a time when writing tables
 _TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
 
 
@@ -36,10 +37,11 @@ _TOKEN = re.compile(r"<([a-z]+)_(\d+)>")
 
 @dataclass
 class EncodedIDs:
-    """``codes (M, L)`` int64 for the kept rows, their ``item_ids`` and the ``dropped_rows``."""
+    """``codes (M, L)`` int64 for the kept rows, their ``item_ids`` (the id column's values, or the
+    ``(M,)`` int64 row numbers when the file has none) and the ``dropped_rows``."""
 
     codes: np.ndarray
-    item_ids: List[str]
+    item_ids: Sequence
     dropped_rows: List[int]
 
 
@@ -123,14 +125,14 @@ def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, de
         bar.close()
     if bad and not drop_nonfinite:
         raise nonfinite_error(source.path, bad)
-    item_ids = source.item_ids if source.item_ids is not None else \
-        [str(i) for i in range(source.num_rows)]
+    item_ids = source.item_ids if source.item_ids is not None else np.arange(source.num_rows)
     if bad:
         codes = codes[keep]
-        item_ids = [item for item, k in zip(item_ids, keep) if k]
+        item_ids = item_ids[keep] if isinstance(item_ids, np.ndarray) else \
+            [item for item, k in zip(item_ids, keep) if k]
         if codes.shape[0] == 0:
             raise DataError(f"{source.path}: every row holds NaN/Inf; nothing to encode")
-    return EncodedIDs(codes, list(item_ids), bad)
+    return EncodedIDs(codes, item_ids, bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +235,9 @@ def write_table(path, item_ids: Sequence, codes, fmt: Optional[str] = None) -> P
     codes = np.asarray(codes, dtype=np.int64)
     if len(item_ids) != codes.shape[0]:
         raise ValueError(f"{len(item_ids)} item ids for {codes.shape[0]} rows of codes")
-    tokens = token_strings(codes)
     path = Path(path)
+    chunks = ((start, min(codes.shape[0], start + _WRITE_CHUNK))
+              for start in range(0, codes.shape[0], _WRITE_CHUNK))
     if fmt == "parquet":
         try:
             import pyarrow as pa
@@ -242,23 +245,31 @@ def write_table(path, item_ids: Sequence, codes, fmt: Optional[str] = None) -> P
         except ImportError:
             raise UserError("writing Parquet needs pyarrow: pip install pyarrow "
                             "(or use --format csv / jsonl)") from None
-        table = pa.table({"item_id": [str(i) for i in item_ids],
-                          "codes": pa.array(codes.tolist(), type=pa.list_(pa.int64())),
-                          "semantic_id": tokens})
+        schema = pa.schema([("item_id", pa.string()), ("codes", pa.list_(pa.int64())),
+                            ("semantic_id", pa.string())])
         with atomic_output(path, suffix=".parquet") as tmp:
-            pq.write_table(table, tmp)
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for lo, hi in chunks:
+                    writer.write_table(pa.table(
+                        {"item_id": [str(i) for i in item_ids[lo:hi]],
+                         "codes": pa.array(codes[lo:hi].tolist(), type=pa.list_(pa.int64())),
+                         "semantic_id": token_strings(codes[lo:hi])}, schema=schema))
         return path
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
             if fmt == "csv":
-                writer = csv.writer(handle)
                 writer.writerow(["item_id", "codes", "semantic_id"])
-                for item, row, token in zip(item_ids, codes.tolist(), tokens):
-                    writer.writerow([item, " ".join(map(str, row)), token])
-            else:
-                for item, row, token in zip(item_ids, codes.tolist(), tokens):
-                    handle.write(json.dumps({"item_id": str(item), "codes": row,
-                                             "semantic_id": token}) + "\n")
+            for lo, hi in chunks:  # a chunk at a time: token strings never exist for all items
+                rows = codes[lo:hi].tolist()
+                tokens = token_strings(codes[lo:hi])
+                if fmt == "csv":
+                    writer.writerows([item, " ".join(map(str, row)), token]
+                                     for item, row, token in zip(item_ids[lo:hi], rows, tokens))
+                else:
+                    handle.writelines(json.dumps({"item_id": str(item), "codes": row,
+                                                  "semantic_id": token}) + "\n"
+                                      for item, row, token in zip(item_ids[lo:hi], rows, tokens))
     return path
 
 

@@ -1,0 +1,232 @@
+"""The ``rqvae-fast`` command line: the demo end to end, encode/stats, bad input, bench delegation."""
+import csv
+import json
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from rqvae_fast.cli import main
+from rqvae_fast.synthetic import make_catalogue
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = ["--hidden-dims", "16", "--latent-dim", "4", "--layers", "2", "--codebook-size", "8",
+         "--epochs", "1", "--batch-size", "64", "--no-progress"]
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_user_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rqvae-fast: error: "), err
+    assert "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def _no_outputs(folder):
+    return not folder.exists() or sorted(p.name for p in folder.iterdir()) == []
+
+
+@pytest.fixture
+def small_npy(tmp_path):
+    data = make_catalogue(num_items=300, dim=16, branching=(4, 2, 2), seed=3).embeddings.numpy()
+    path = tmp_path / "items.npy"
+    np.save(path, data)
+    return path
+
+
+# ---- the demo, end to end ----------------------------------------------------------------------
+
+def test_demo_fit_then_encode_then_stats(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, text, err = _run(capsys, "fit", "--num-items", 3000, "--epochs", 2, "--out", out,
+                           "--no-progress")
+    assert code == 0, err
+    for name in ("checkpoint.pt", "codes.npy", "ids.csv", "summary.json", "log.csv", "log.json"):
+        assert (out / name).is_file(), name
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    # the demo proves semantics: first-code purity far above shuffled-label chance
+    match = re.search(r"first 1 code\s+vs category\s+([\d.]+)\s+\(chance ([\d.]+)", text)
+    assert match, text
+    purity, chance = float(match.group(1)), float(match.group(2))
+    assert purity > 0.8 and purity > chance + 0.4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["items"] == 3000 and summary["prefix_purity"][0]["purity"] == pytest.approx(
+        purity, abs=1e-3)
+    codes = np.load(out / "codes.npy")
+    assert codes.shape == (3000, 4) and len({tuple(r) for r in codes.tolist()}) == 3000
+    with open(out / "ids.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3000 and rows[0]["item_id"] == "0"
+    assert re.fullmatch(r"<a_\d+><b_\d+><c_\d+><d_\d+>", rows[0]["semantic_id"])
+    assert str(out / "ids.csv") in text and "prefix purity" in text
+
+    # encode the same catalogue from a file: the same IDs
+    items = tmp_path / "catalogue.npy"
+    np.save(items, make_catalogue(3000, 768, seed=0).embeddings.numpy())
+    code, text, err = _run(capsys, "encode", out / "checkpoint.pt", items, "--out", tmp_path / "enc",
+                           "--batch-size", 1000, "--no-progress", "--format", "jsonl")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "enc" / "codes.npy"), codes)
+    first = json.loads((tmp_path / "enc" / "ids.jsonl").read_text().splitlines()[0])
+    assert first["semantic_id"] == rows[0]["semantic_id"]
+
+    code, text, err = _run(capsys, "stats", out / "codes.npy", "--json")
+    assert code == 0, err
+    stats = json.loads(text)
+    assert stats["items"] == 3000 and stats["collisions"]["collision_rate"] == 0.0
+    code, text, err = _run(capsys, "stats", out / "ids.csv")
+    assert code == 0 and "3000 distinct" in text
+    code, text, err = _run(capsys, "stats", out / "checkpoint.pt")
+    assert code == 0 and "epochs done: 2" in text and "latent_dim=32" in text
+
+
+# ---- other methods and options ------------------------------------------------------------------
+
+def test_fit_on_a_file_with_rqkmeans(tmp_path, small_npy, capsys):
+    out = tmp_path / "km"
+    code, text, err = _run(capsys, "fit", small_npy, "--method", "rqkmeans", "--layers", 2,
+                           "--codebook-size", "4,8", "--out", out)
+    assert code == 0, err
+    assert np.load(out / "codes.npy").shape == (300, 3)
+    code, _, err = _run(capsys, "encode", out / "checkpoint.pt", small_npy, "--out", tmp_path / "e",
+                        "--no-progress", "--no-dedup")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "e" / "codes.npy"),
+                                  np.load(out / "codes.npy")[:, :2])
+
+
+def test_fit_drops_nonfinite_rows_on_request(tmp_path, small_npy, capsys):
+    data = np.load(small_npy)
+    data[[4, 250]] = np.nan
+    np.save(small_npy, data)
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "fit", small_npy, "--out", out, *SMALL)
+    _assert_user_error(code, err, r"rows 4, 250 .*--drop-nonfinite")
+    assert _no_outputs(out)
+    code, text, err = _run(capsys, "fit", small_npy, "--out", out, "--drop-nonfinite", *SMALL)
+    assert code == 0, err
+    assert "skipped 2 rows" in text
+    ids = [row["item_id"] for row in csv.DictReader(open(out / "ids.csv"))]
+    assert len(ids) == 298 and "4" not in ids and "250" not in ids
+
+
+# ---- bad input: one line, exit 2, nothing half-written -------------------------------------------
+
+@pytest.mark.parametrize("array, pattern", [
+    (np.zeros(50, dtype=np.float32), "2-D"),
+    (np.zeros((50, 16), dtype=np.int32), "floating-point"),
+    (np.zeros((0, 16), dtype=np.float32), "no rows"),
+])
+def test_fit_rejects_bad_arrays(tmp_path, capsys, array, pattern):
+    np.save(tmp_path / "bad.npy", array)
+    code, _, err = _run(capsys, "fit", tmp_path / "bad.npy", "--out", tmp_path / "run", *SMALL)
+    _assert_user_error(code, err, pattern)
+    assert _no_outputs(tmp_path / "run")
+
+
+def test_missing_and_unreadable_files(tmp_path, capsys):
+    code, _, err = _run(capsys, "fit", tmp_path / "nope.npy", "--out", tmp_path / "run")
+    _assert_user_error(code, err, "no such file")
+    code, _, err = _run(capsys, "encode", tmp_path / "nope.pt", tmp_path / "nope.npy")
+    _assert_user_error(code, err, "no such checkpoint")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    np.save(tmp_path / "x.npy", np.zeros((3, 4), dtype=np.float32))
+    code, _, err = _run(capsys, "encode", tmp_path / "junk.pt", tmp_path / "x.npy",
+                        "--out", tmp_path / "enc")
+    _assert_user_error(code, err, "truncated or not an rqvae-fast checkpoint")
+    assert _no_outputs(tmp_path / "enc")
+    code, _, err = _run(capsys, "stats", tmp_path / "nope.npy")
+    _assert_user_error(code, err, "no such file")
+
+
+def test_checkpoint_from_another_configuration(tmp_path, small_npy, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run(capsys, "fit", small_npy, "--out", out, *SMALL)
+    assert code == 0, err
+    np.save(tmp_path / "wide.npy", np.zeros((10, 24), dtype=np.float32))
+    code, _, err = _run(capsys, "encode", out / "checkpoint.pt", tmp_path / "wide.npy",
+                        "--out", tmp_path / "enc", "--no-progress")
+    _assert_user_error(code, err, "24-d but the checkpoint's model expects 16-d")
+    assert _no_outputs(tmp_path / "enc")
+    before = (out / "checkpoint.pt").read_bytes()
+    code, _, err = _run(capsys, "fit", small_npy, "--out", out, "--resume",
+                        *[a if a != "4" else "6" for a in SMALL])
+    _assert_user_error(code, err, "another configuration: latent_dim=4")
+    assert (out / "checkpoint.pt").read_bytes() == before  # untouched
+    (out / "cut.pt").write_bytes(before[: len(before) // 2])
+    code, _, err = _run(capsys, "encode", out / "cut.pt", small_npy, "--out", tmp_path / "enc")
+    _assert_user_error(code, err, "truncated")
+
+
+def test_resume_continues_training(tmp_path, small_npy, capsys):
+    out = tmp_path / "run"
+    args = ["fit", small_npy, "--out", out, *SMALL]
+    assert _run(capsys, *args)[0] == 0
+    args[args.index("--epochs") + 1] = "2"
+    code, _, err = _run(capsys, *args, "--resume")
+    _assert_user_error(code, err, "epochs=1")  # other settings than the checkpoint's run
+    code, _, err = _run(capsys, "fit", small_npy, "--out", tmp_path / "fresh", "--resume", *SMALL)
+    _assert_user_error(code, err, "no checkpoint")
+
+
+def test_bad_option_values(tmp_path, small_npy, capsys):
+    code, _, err = _run(capsys, "fit", small_npy, "--layers", 3, "--codebook-size", "8,8",
+                        "--out", tmp_path / "r")
+    _assert_user_error(code, err, "2 sizes for 3 layers")
+    code, _, err = _run(capsys, "fit", small_npy, "--hidden-dims", "16,x", "--out", tmp_path / "r")
+    _assert_user_error(code, err, "--hidden-dims")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--epochs", "0"])
+    assert info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+# ---- entry points and help ------------------------------------------------------------------------
+
+def test_bench_is_delegated_with_its_arguments(monkeypatch):
+    seen = []
+    fake = types.ModuleType("rqvae_fast.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "rqvae_fast.bench", fake)
+    import rqvae_fast
+
+    monkeypatch.setattr(rqvae_fast, "bench", fake, raising=False)
+    assert main(["bench", "--sizes", "1000", "--quick"]) == 0
+    assert seen == [["--sizes", "1000", "--quick"]]
+    assert main(["bench", "--help"]) == 0 and seen[-1] == ["--help"]
+
+
+def test_help_lists_commands_and_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    listing = capsys.readouterr().out
+    for command in ("fit", "encode", "stats", "bench"):
+        assert command in listing
+    # python -m rqvae_fast is the same program
+    result = subprocess.run([sys.executable, "-m", "rqvae_fast", "fit", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for default in ("(default: 3)", "(default: 256)", "(default: 32)", "(default: 0.25)",
+                    "(default: 1024)", "(default: 512,256,128)"):
+        assert default in text, default

@@ -129,6 +129,16 @@ class VQEmbeddingEMA(VQEmbedding):
     def codebook_state(self) -> List[torch.Tensor]:
         return [self.embeddings.data, self.ema_cluster_size, self.ema_dw]
 
+    def _apply(self, fn, recurse=True):
+        # The running statistics stay fp32 whatever dtype the module is cast to (bf16/fp16
+        # parameters would otherwise lose the small (1 - decay) increments).
+        super()._apply(fn, recurse)
+        for name in ("ema_cluster_size", "ema_dw"):
+            buffer = getattr(self, name)
+            if buffer.is_floating_point() and buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return self
+
     def apply_ema(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """One EMA step from a batch's per-code ``counts (K,)`` and residual ``sums (K, D)``."""
         # In place on the Parameter itself (not .data): its version counter moves, so a graph that

@@ -16,6 +16,16 @@ from rqvae_fast._triton_available import HAS_TRITON  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="deep hypothesis runs (same as RQVAE_HYPOTHESIS_PROFILE=slow)")
+
+
+def pytest_configure(config):
+    if config.getoption("--slow"):
+        os.environ["RQVAE_HYPOTHESIS_PROFILE"] = "slow"
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -139,3 +139,13 @@ def test_different_commitment_costs_per_layer_raise():
     rvq.vq_layers[1].commitment_cost = 0.7
     with pytest.raises(ValueError, match="one commitment cost"):
         rvq(torch.randn(3, 4))
+
+
+def test_ema_buffers_stay_fp32_when_the_module_is_cast():
+    rvq = ResidualVQ(2, [16, 12], 8, ema=True, backend="torch").to(torch.bfloat16)
+    for layer in rvq.vq_layers:
+        assert layer.embeddings.dtype == torch.bfloat16
+        assert layer.ema_cluster_size.dtype == torch.float32 and layer.ema_dw.dtype == torch.float32
+    assert {"vq_layers.0.ema_dw", "vq_layers.1.ema_cluster_size"} <= set(rvq.state_dict())
+    rvq(torch.randn(64, 8, dtype=torch.bfloat16))
+    assert all(torch.isfinite(layer.ema_dw).all() for layer in rvq.vq_layers)

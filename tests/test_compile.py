@@ -48,3 +48,16 @@ def test_custom_op_passes_opcheck():
     codes = torch.randn(7, 6)
     torch.library.opcheck(quantize_forward, (x, codes, [3, 4], 0, "ieee", False, True, False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_export_sees_the_custom_op():
+    torch.manual_seed(0)
+    model = Tiny(ema=False).eval()
+    x = torch.randn(40, 12)
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("rqvae_fast.quantize_forward" in t for t in targets), targets
+    loss_e, idx_e = model(x)
+    loss_x, idx_x = exported.module()(x)
+    assert torch.equal(idx_e, idx_x)
+    torch.testing.assert_close(loss_x, loss_e)

@@ -85,13 +85,13 @@ class VQEmbedding(nn.Module):
     def _load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
         self.embeddings.data.copy_(centroids.to(self.embeddings))
 
-    def quantize(self, inputs: torch.Tensor, commitment_cost: float, update: bool):
-        """Shared body of forward; ``update`` applies the EMA step (EMA layers only)."""
-        result = residual_quantize(
+    def quantize(self, inputs: torch.Tensor, commitment_cost: float, compute_stats: bool):
+        """The full :class:`~rqvae_fast.result.QuantizeResult` of this one layer."""
+        return residual_quantize(
             inputs, [self.embeddings], commitment_cost, grad_mode=self.grad_mode,
             codebook_loss=not self.ema, precision=self.precision, backend=self.backend,
-            compute_stats=update, check_finite=self.check_finite, deterministic=self.deterministic)
-        return result
+            compute_stats=compute_stats, check_finite=self.check_finite,
+            deterministic=self.deterministic)
 
     def forward(self, inputs: torch.Tensor):
         update = self.ema and self.training
@@ -256,7 +256,7 @@ def _synced_initialization(layers: Sequence[VQEmbedding], data: torch.Tensor, sy
     """Run ``fit(rows (N, D) fp32)``; across ranks, on rank 0 with every rank's rows, then broadcast."""
     rows = data.detach().reshape(-1, data.shape[-1]).float()
     if not distributed.should_sync(sync):
-        fit(rows.clone())
+        fit(rows)
         return
     rows = distributed.all_gather_rows(rows)
     if distributed.rank() == 0:

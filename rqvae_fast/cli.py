@@ -260,9 +260,7 @@ def cmd_fit(args) -> int:
         labels = labels[: args.max_items]
     if embeddings.shape[0] < 2:
         raise UserError(f"need at least 2 items to train, got {embeddings.shape[0]}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
+    out_dir = _output_folder(out_dir)
     checkpoint = out_dir / "checkpoint.pt"
     if args.resume and not checkpoint.exists():
         raise UserError(f"--resume: no checkpoint at {checkpoint}")
@@ -296,10 +294,21 @@ def cmd_fit(args) -> int:
     written = _write_outputs(out_dir, final, item_ids, args.format, summary)
     for line in lines:
         _say(line)
-    _say(f"wrote {checkpoint} (model), " + ", ".join(str(p) for p in written)
-         + (f", {out_dir / 'log.csv'} (per-epoch log)" if args.method == "rqvae" else ""))
+    if args.method == "rqvae":
+        written.append(f"{out_dir / 'log.csv'} (per-epoch log)")
+        if args.plot:
+            written.append(out_dir / "training.png")
+    _say(f"wrote {checkpoint} (model), " + ", ".join(str(p) for p in written))
     _say(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _output_folder(path) -> Path:
+    """``path`` as a folder we may write to (created later, by the first output)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} exists and is not a folder")
+    return path
 
 
 def _with_dedup(codes: np.ndarray) -> np.ndarray:
@@ -373,6 +382,7 @@ def cmd_encode(args) -> int:
     from .trainer import resolve_device
 
     started = time.perf_counter()
+    out_dir = _output_folder(args.out or Path("runs") / f"{Path(args.data).stem}_ids")
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device=device)
     source = open_embeddings(args.data, args.column, args.id_column)
@@ -384,8 +394,7 @@ def cmd_encode(args) -> int:
                "data": str(args.data), "dropped_rows": encoded.dropped_rows[:1000]}
     lines = _id_report(encoded.codes, model.codebook_sizes, summary)
     final = encoded.codes if args.no_dedup else _with_dedup(encoded.codes)
-    out_dir = args.out or Path("runs") / f"{Path(args.data).stem}_ids"
-    written = _write_outputs(Path(out_dir), final, encoded.item_ids, args.format, summary)
+    written = _write_outputs(out_dir, final, encoded.item_ids, args.format, summary)
     elapsed = time.perf_counter() - started
     for line in lines:
         _say(line)
@@ -496,6 +505,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # unwritable folder, full disk, ...: the user's environment
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except MemoryError:
         print(f"{PROG}: error: out of memory; use smaller --batch-size or --max-items",
               file=sys.stderr)

@@ -156,6 +156,11 @@ def test_missing_and_unreadable_files(tmp_path, capsys):
     assert _no_outputs(tmp_path / "enc")
     code, _, err = _run(capsys, "stats", tmp_path / "nope.npy")
     _assert_user_error(code, err, "no such file")
+    (tmp_path / "zero.npy").write_bytes(b"")
+    code, _, err = _run(capsys, "fit", tmp_path / "zero.npy", "--out", tmp_path / "run")
+    _assert_user_error(code, err, "not a readable .npy")
+    code, _, err = _run(capsys, "fit", tmp_path / "x.npy", "--out", tmp_path / "junk.pt")
+    _assert_user_error(code, err, "not a folder")
 
 
 def test_checkpoint_from_another_configuration(tmp_path, small_npy, capsys):

@@ -33,8 +33,15 @@ _PLURALS = {"category": "categories", "subcategory": "subcategories", "leaf": "l
 # Argument parsing
 # ----------------------------------------------------------------------------------------------
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.HelpFormatter):
+    """Show ``(default: X)`` where a default means something (not for flags or unset options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or \
+                action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _positive_int(text: str) -> int:
@@ -69,8 +76,8 @@ def _fraction(text: str) -> float:
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input file")
-    group.add_argument("--column", help="vector column (CSV/Parquet) or dict key (.pt)")
-    group.add_argument("--id-column", help="item id column (CSV/Parquet); default: row numbers")
+    group.add_argument("--column", metavar="NAME", help="vector column (CSV/Parquet) or dict key (.pt)")
+    group.add_argument("--id-column", metavar="NAME", help="item id column (CSV/Parquet); default: row numbers")
     group.add_argument("--drop-nonfinite", action="store_true",
                        help="skip rows holding NaN/Inf instead of stopping with an error")
 
@@ -97,49 +104,50 @@ def build_parser() -> argparse.ArgumentParser:
                     "ID prefixes recover them.")
     fit.add_argument("data", nargs="?", help=".npy, .pt, .csv/.tsv or .parquet file of item "
                      "embeddings (items x dims); omit for the demo catalogue")
-    fit.add_argument("--out", type=Path, help="output folder (default: runs/demo, or runs/<DATA stem>)")
+    fit.add_argument("--out", type=Path, metavar="DIR",
+                     help="output folder (default: runs/demo, or runs/<DATA stem>)")
     fit.add_argument("--method", choices=("rqvae", "rqkmeans"), default="rqvae",
                      help="RQ-VAE (encoder + residual quantizer + decoder) or residual k-means "
                           "on the raw embeddings (no encoder)")
-    fit.add_argument("--max-items", type=_positive_int, help="train on the first N items only")
+    fit.add_argument("--max-items", type=_positive_int, metavar="N", help="train on the first N items only")
     _add_input_options(fit)
     model = fit.add_argument_group("model")
-    model.add_argument("--layers", type=_positive_int, default=3, help="quantization layers (ID length)")
-    model.add_argument("--codebook-size", default="256",
+    model.add_argument("--layers", type=_positive_int, default=3, metavar="L", help="quantization layers (ID length)")
+    model.add_argument("--codebook-size", default="256", metavar="K[,K...]",
                        help="codes per layer: one number or one per layer (e.g. 256,256,256)")
-    model.add_argument("--latent-dim", type=_positive_int, default=32, help="width of the quantized latent")
-    model.add_argument("--hidden-dims", default="512,256,128",
+    model.add_argument("--latent-dim", type=_positive_int, default=32, metavar="D", help="width of the quantized latent")
+    model.add_argument("--hidden-dims", default="512,256,128", metavar="H[,H...]",
                        help="encoder hidden widths (the decoder mirrors them)")
-    model.add_argument("--beta", type=float, default=0.25, help="commitment cost")
+    model.add_argument("--beta", type=float, default=0.25, metavar="B", help="commitment cost")
     model.add_argument("--ema", action="store_true", help="move codebooks by EMA instead of gradients")
-    model.add_argument("--decay", type=float, default=0.99, help="EMA decay (with --ema)")
+    model.add_argument("--decay", type=float, default=0.99, metavar="D", help="EMA decay (with --ema)")
     model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste"), default="seed",
                        help="gradient routing through the quantizer (see README)")
     train = fit.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=20, help="passes over the data")
-    train.add_argument("--batch-size", type=_positive_int, default=1024, help="items per step")
+    train.add_argument("--epochs", type=_positive_int, default=20, metavar="N", help="passes over the data")
+    train.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="items per step")
     train.add_argument("--optimizer", choices=("adamw", "adagrad"), default="adamw",
                        help="AdamW, or Adagrad as TIGER")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 AdamW, 0.4 Adagrad)")
-    train.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    train.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 1e-3 AdamW, 0.4 Adagrad)")
+    train.add_argument("--weight-decay", type=float, default=1e-4, metavar="W", help="AdamW weight decay")
     train.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle",
                        help="learning-rate schedule (per step)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    train.add_argument("--beta-start", type=float, default=0.1,
+    train.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM", help="max gradient norm (0 = off)")
+    train.add_argument("--beta-start", type=float, default=0.1, metavar="B",
                        help="commitment cost at the start of the warm-up (negative = no warm-up)")
-    train.add_argument("--beta-warmup", type=float, default=0.2,
+    train.add_argument("--beta-warmup", type=float, default=0.2, metavar="SHARE",
                        help="share of training over which beta rises to --beta")
-    train.add_argument("--dead-code-window", type=_non_negative_int,
+    train.add_argument("--dead-code-window", type=_non_negative_int, metavar="STEPS",
                        help="re-seed codes unused for this many steps (default one epoch; 0 = off)")
-    train.add_argument("--val-fraction", type=_fraction, default=0.05, help="held-out share")
-    train.add_argument("--patience", type=_non_negative_int, default=5,
+    train.add_argument("--val-fraction", type=_fraction, default=0.05, metavar="SHARE", help="held-out share")
+    train.add_argument("--patience", type=_non_negative_int, default=5, metavar="EPOCHS",
                        help="epochs without validation improvement before stopping (0 = never)")
-    train.add_argument("--init-samples", type=_positive_int, default=100_000,
+    train.add_argument("--init-samples", type=_positive_int, default=100_000, metavar="N",
                        help="items used for the k-means codebook initialization")
-    train.add_argument("--kmeans-iters", type=_positive_int, default=20,
+    train.add_argument("--kmeans-iters", type=_positive_int, default=20, metavar="N",
                        help="Lloyd iterations of the fused k-means")
-    train.add_argument("--seed", type=int, default=0, help="seed for weights, split, shuffling")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    train.add_argument("--seed", type=int, default=0, metavar="S", help="seed for weights, split, shuffling")
+    train.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.pt (same data and settings)")
     train.add_argument("--plot", action="store_true",
@@ -151,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-dedup", action="store_true",
                      help="do not append the disambiguation position")
     demo = fit.add_argument_group("demo catalogue (without DATA)")
-    demo.add_argument("--num-items", type=_positive_int, default=50_000, help="catalogue size")
-    demo.add_argument("--dim", type=_positive_int, default=768, help="embedding width")
+    demo.add_argument("--num-items", type=_positive_int, default=50_000, metavar="N", help="catalogue size")
+    demo.add_argument("--dim", type=_positive_int, default=768, metavar="D", help="embedding width")
     fit.set_defaults(func=cmd_fit)
 
     # ---- encode ----
@@ -163,13 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "string). A last disambiguation position makes every ID unique.")
     enc.add_argument("checkpoint", type=Path, help="checkpoint.pt written by 'fit'")
     enc.add_argument("data", help=".npy, .pt, .csv/.tsv or .parquet file of item embeddings")
-    enc.add_argument("--out", type=Path, help="output folder (default: runs/<DATA stem>_ids)")
+    enc.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/<DATA stem>_ids)")
     enc.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv",
                      help="format of the ID table")
-    enc.add_argument("--batch-size", type=_positive_int, default=65536, help="rows per batch")
+    enc.add_argument("--batch-size", type=_positive_int, default=65536, metavar="N", help="rows per batch")
     enc.add_argument("--no-dedup", action="store_true",
                      help="do not append the disambiguation position")
-    enc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    enc.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_input_options(enc)
     enc.set_defaults(func=cmd_encode)

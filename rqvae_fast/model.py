@@ -48,6 +48,11 @@ class RQDecoder(nn.Module):
         return self.decoder(z)
 
 
+def _mark_codebooks_initialized(module: nn.Module, incompatible_keys) -> None:
+    for layer in module.vq.vq_layers:
+        layer.initialized_with_data = True
+
+
 class RQVAEOutput(NamedTuple):
     """Everything one forward pass computes (the trainer needs the latents too)."""
 
@@ -91,6 +96,8 @@ class RQVAE(nn.Module):
                              ema=ema, decay=decay, grad_mode=grad_mode, precision=precision,
                              backend=backend)
         self.decoder = RQDecoder(latent_dim, self.hidden_dims, input_dim)
+        # Loaded weights count as initialized: a trainer must not k-means over them again.
+        self.register_load_state_dict_post_hook(_mark_codebooks_initialized)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -257,7 +264,7 @@ class RQVAE(nn.Module):
 
     @property
     def initialized(self) -> bool:
-        """Whether every codebook was set from data."""
+        """Whether every codebook was set from data (by k-means or by loading a state dict)."""
         return all(getattr(layer, "initialized_with_data", False) for layer in self.vq.vq_layers)
 
 

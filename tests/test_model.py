@@ -164,6 +164,15 @@ def test_config_round_trip():
     torch.testing.assert_close(clone.get_semantic_ids(x), model.get_semantic_ids(x))
 
 
+def test_loaded_weights_count_as_initialized():
+    trained = _model()
+    trained.initialize_codebooks(_blobs(200), seed=0)
+    fresh = _model()
+    assert not fresh.initialized
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.initialized  # a Trainer will not re-run k-means over loaded codebooks
+
+
 def test_too_few_codebook_sizes_is_an_error():
     with pytest.raises(ValueError, match="sizes"):
         _model(num_embeddings_list=[8, 8])

@@ -394,8 +394,10 @@ def cmd_encode(args) -> int:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device=device)
     source = open_embeddings(args.data, args.column, args.id_column)
+    encode_started = time.perf_counter()
     encoded = encode_source(model, source, batch_size=args.batch_size, device=device,
                             drop_nonfinite=args.drop_nonfinite, progress=not args.no_progress)
+    encode_seconds = time.perf_counter() - encode_started
     if encoded.dropped_rows:
         _say(f"skipped {len(encoded.dropped_rows)} rows holding NaN/Inf")
     summary = {"items": int(encoded.codes.shape[0]), "checkpoint": str(args.checkpoint),
@@ -403,12 +405,13 @@ def cmd_encode(args) -> int:
     lines = _id_report(encoded.codes, model.codebook_sizes, summary)
     final = encoded.codes if args.no_dedup else _with_dedup(encoded.codes)
     written = _write_outputs(out_dir, final, encoded.item_ids, args.format, summary)
-    elapsed = time.perf_counter() - started
     for line in lines:
         _say(line)
-    _say(f"wrote " + ", ".join(str(p) for p in written)
-         + f" ({encoded.codes.shape[0]} items in {elapsed:.1f} s, "
-           f"{encoded.codes.shape[0] / max(elapsed, 1e-9):,.0f} items/s)")
+    items = encoded.codes.shape[0]
+    _say(f"encoded {items} items on {device} in {encode_seconds:.1f} s "
+         f"({items / max(encode_seconds, 1e-9):,.0f} items/s); wrote "
+         + ", ".join(str(p) for p in written)
+         + f"; done in {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -22,8 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .data import DataError, EmbeddingSource, UserError, atomic_output, nonfinite_error, \
-    nonfinite_rows
+from .data import DataError, EmbeddingSource, UserError, atomic_output, nonfinite_error
 from .metrics import row_keys
 
 TABLE_FORMATS = ("csv", "jsonl", "parquet")
@@ -83,15 +82,24 @@ def _prefetch(blocks: Iterable, depth: int = 2):
         raise failure[0]
 
 
+def _tensor_blocks(source: EmbeddingSource, batch_size: int, pin: bool):
+    """``(start, (b, D) float32 tensor)`` blocks, pinned for fast host-to-GPU copies if ``pin``."""
+    for start, block in source.iter_blocks(batch_size):
+        tensor = torch.from_numpy(block)
+        yield start, (tensor.pin_memory() if pin else tensor)
+
+
 @torch.no_grad()
 def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, device=None,
                   drop_nonfinite: bool = False, progress: bool = True) -> EncodedIDs:
     """Codes ``(M, L)`` int64 of every row of ``source``, reading ``batch_size`` rows at a time.
 
     ``model`` is an :class:`~rqvae_fast.RQVAE` or :class:`~rqvae_fast.kmeans.RQKMeans` (anything
-    with ``input_dim``, ``codebook_sizes`` and ``get_semantic_ids``). Rows with NaN/Inf raise a
-    :class:`DataError` naming them (after the whole file was checked), or are skipped with
-    ``drop_nonfinite``. Memory holds two input blocks and the codes, never the whole file.
+    with ``input_dim``, ``codebook_sizes`` and ``get_semantic_ids``). Reading, conversion and
+    pinning run on a background thread while the device encodes the previous block, so memory
+    holds a few blocks and the codes, never the whole file. Rows with NaN/Inf (or too large to
+    encode) raise a :class:`DataError` naming them, after the whole file was read, or are skipped
+    with ``drop_nonfinite``.
     """
     if source.dim != model.input_dim:
         raise UserError(f"{source.path}: rows are {source.dim}-d but the checkpoint's model expects "
@@ -100,7 +108,6 @@ def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, de
     model = model.to(device).eval()
     num_layers = len(model.codebook_sizes)
     codes = np.empty((source.num_rows, num_layers), dtype=np.int64)
-    keep = np.ones(source.num_rows, dtype=bool)
     bad: List[int] = []
     bar = None
     if progress:
@@ -108,25 +115,24 @@ def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, de
 
         bar = tqdm(total=source.num_rows, desc="encoding", unit="item", unit_scale=True,
                    dynamic_ncols=True, leave=False)
-    pin = device.type == "cuda"
-    for start, block in _prefetch(source.iter_blocks(batch_size)):
-        rows = nonfinite_rows(block)
-        if rows.size:
-            bad.extend((rows + start).tolist())
-            keep[rows + start] = False
-        tensor = torch.from_numpy(block)
-        if pin:
-            tensor = tensor.pin_memory().to(device, non_blocking=True)
-        ids = model.get_semantic_ids(tensor.to(device))
-        codes[start:start + block.shape[0]] = ids.cpu().numpy()
+    for start, block in _prefetch(_tensor_blocks(source, batch_size, device.type == "cuda")):
+        x = block.to(device, non_blocking=True)
+        ids = model.get_semantic_ids(x)
+        # NaN/Inf inputs (checked on the device) and latents the quantizer could not use (-1)
+        unusable = ~torch.isfinite(x).all(dim=1) | (ids < 0).any(dim=1)
+        codes[start:start + x.shape[0]] = ids.cpu().numpy()
+        rows = torch.nonzero(unusable).flatten().cpu().numpy()
+        bad.extend((rows + start).tolist())
         if bar is not None:
-            bar.update(block.shape[0])
+            bar.update(x.shape[0])
     if bar is not None:
         bar.close()
     if bad and not drop_nonfinite:
         raise nonfinite_error(source.path, bad)
     item_ids = source.item_ids if source.item_ids is not None else np.arange(source.num_rows)
     if bad:
+        keep = np.ones(source.num_rows, dtype=bool)
+        keep[bad] = False
         codes = codes[keep]
         item_ids = item_ids[keep] if isinstance(item_ids, np.ndarray) else \
             [item for item, k in zip(item_ids, keep) if k]

@@ -9,7 +9,10 @@ of :mod:`rqvae_fast.roofline`, the % of the roofline for the precision (ceilings
 a large device copy and a large matmul per precision), the peak extra memory in MiB, and the
 speed-up versus each other provider (``x<peer>`` = peer ms / this ms). Timings: CUDA, the median of
 ``triton.testing.do_bench`` (CUDA events, L2 flushed) or of CUDA-event-timed calls; CPU, the
-median of synchronized ``perf_counter`` calls. Compilation and warm-up happen before timing.
+median of synchronized ``perf_counter`` calls -- by default only of the *clean* ones, during which
+no thread of this process waited for a core (Linux schedstat), so other jobs on a shared machine
+do not leak into the numbers; the share of CPU that other processes used is recorded too.
+Compilation and warm-up happen before timing.
 
 On CPU, ``rqvae_fast`` runs the chunked PyTorch path (shown as ``rqvae_fast[torch]``); Triton is
 only run there with ``--backend triton --allow-interpreted``, and then flagged as interpreted and
@@ -132,27 +135,77 @@ class OtherLoad:
 # ----------------------------------------------------------------------------- measuring
 
 
-def time_case(case: pa.Case, *, reps: int, max_seconds: float) -> tuple:
-    """``(median ms, min ms)`` of one step of ``case`` (already warmed)."""
+def runqueue_wait_ns() -> Optional[int]:
+    """Total time this process's threads spent runnable but waiting for a CPU (Linux schedstat),
+    in ns; None where unavailable. A step during which it did not grow had the cores to itself."""
+    total, seen = 0, False
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[1])
+                seen = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if seen else None
+
+
+def clean_times(step, *, reps: int, max_seconds: float, max_wait: float = 0.02) -> tuple:
+    """Time ``step`` until ``reps`` *clean* repetitions -- ones whose threads waited for a CPU
+    less than ``max_wait`` of the wall time, i.e. no other job took the cores -- or until
+    ``max_seconds`` ran out. Returns ``(clean ms list, all ms list)``."""
+    clean, every = [], []
+    start = time.perf_counter()
+    while len(clean) < reps and (not every or time.perf_counter() - start < max_seconds):
+        wait0 = runqueue_wait_ns()
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+        wait1 = runqueue_wait_ns()
+        every.append(wall * 1e3)
+        if wait0 is not None and wait1 is not None and (wait1 - wait0) * 1e-9 < max_wait * wall:
+            clean.append(wall * 1e3)
+    return clean, every
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def time_case(case: pa.Case, *, reps: int, max_seconds: float, stat: str = "median") -> tuple:
+    """``(median ms, min ms, extra)`` of one step of ``case`` (already warmed).
+
+    With ``stat="clean"`` on CPU only clean repetitions count (see :func:`clean_times`); when
+    none was clean in ``max_seconds`` all repetitions are used and ``extra["clean_reps"]`` is 0.
+    """
+    if case.device.type == "cpu" and stat == "clean":
+        clean, every = clean_times(case.step, reps=reps, max_seconds=max_seconds)
+        use = clean or every
+        return _median(use), min(use), {"clean_reps": len(clean), "reps": len(every)}
     if case.device.type == "cuda":
         try:
             import triton.testing
 
             med, low = triton.testing.do_bench(case.run, warmup=25, rep=100, quantiles=[0.5, 0.0])
-            return float(med), float(low)
+            return float(med), float(low), {}
         except ImportError:
             pass
     ms, times = median_ms(case.step, case.device, warmup=0, reps=reps, max_seconds=max_seconds)
-    return ms, min(times)
+    return ms, min(times), {"reps": len(times)}
 
 
 def measure_case(case: pa.Case, ceilings: Ceilings, *, reps: int, max_seconds: float,
                  warm_calls: int = 2, stat: str = "median") -> dict:
-    """Warm, time and size one case; returns its JSON row. ``ms`` is the median (or, with
-    ``stat="min"``, the fastest repetition: robust on a CPU shared with other jobs); both are kept
-    as ``median_ms`` and ``min_ms``."""
+    """Warm, time and size one case; returns its JSON row. ``ms`` is the median of the
+    repetitions; with ``stat="min"`` the fastest; with ``stat="clean"`` (CPU) the median of the
+    repetitions no other job disturbed. ``median_ms`` and ``min_ms`` are kept as well."""
     case.warm(warm_calls)
-    median, min_ms = time_case(case, reps=reps, max_seconds=max_seconds)
+    median, min_ms, extra = time_case(case, reps=reps, max_seconds=max_seconds, stat=stat)
     ms = min_ms if stat == "min" else median
     peak = pa.peak_extra_bytes(case)
     roof = roofline(case.shape, case.mode, case.precision, ms, ceilings)
@@ -167,7 +220,7 @@ def measure_case(case: pa.Case, ceilings: Ceilings, *, reps: int, max_seconds: f
         "roofline_fraction": roof.fraction, "bound": roof.bound,
         "peak_extra_mib": peak / MIB, "output_mib": outputs / MIB,
         "peak_over_outputs": peak / outputs if outputs > 0 else float("nan"),
-        "first_call_s": case.first_call_s, "interpreted": case.interpreted,
+        "first_call_s": case.first_call_s, "interpreted": case.interpreted, **extra,
     }
     if case.interpreted:   # never presented as a speed
         row.update(tflops=float("nan"), gbps=float("nan"), roofline_fraction=float("nan"))
@@ -264,7 +317,7 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
                      f" floor {timed[0]['floor_ms']:.3g} ms ({timed[0]['bound']})")
         stat = timed[0].get("stat", "median") if timed else "median"
         cols = ["provider", f"ms ({stat})"] + [f"x{SHORT.get(p, p)}" for p in peers] + \
-            ["median", "min", "TFLOP/s", "GB/s", "%roof", "MiB", "MiB/out", "1st call s"]
+            ["median", "min", "reps", "TFLOP/s", "GB/s", "%roof", "MiB", "MiB/out", "1st call s"]
         lines = []
         for r in group:
             if "ms" not in r:
@@ -277,7 +330,9 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
                      f"{r['ms']:.4g}"]
             cells += ["" if p == r["provider"] else
                       (f"{speed[p]:.2f}" if p in speed else "n/a") for p in peers]
-            cells += [f"{r.get('median_ms', r['ms']):.4g}", f"{r.get('min_ms', r['ms']):.4g}",
+            reps = (f"{r['clean_reps']}/{r.get('reps', '?')}" if "clean_reps" in r
+                    else str(r.get("reps", "")))
+            cells += [f"{r.get('median_ms', r['ms']):.4g}", f"{r.get('min_ms', r['ms']):.4g}", reps,
                       fmt_si(r["tflops"]), fmt_si(r["gbps"]),
                       fmt_si(100 * r["roofline_fraction"], 2), fmt_si(r["peak_extra_mib"]),
                       fmt_si(r["peak_over_outputs"], 2), fmt_si(r["first_call_s"], 2)]
@@ -462,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, help="timed repetitions per case on CPU (default 5)")
     parser.add_argument("--max-seconds", type=float, default=3.0,
                         help="stop timing a case after this many seconds")
-    parser.add_argument("--stat", choices=("median", "min"), default="median",
-                        help="which repetition statistic is 'ms' (min: for a CPU shared with "
-                             "other jobs); both are stored in the JSON")
+    parser.add_argument("--stat", choices=("median", "min", "clean"),
+                        help="what 'ms' is: median of repetitions (default on CUDA), min, or "
+                             "clean = median of the repetitions during which no other job took "
+                             "this process's CPUs (default on Linux CPUs; up to --max-seconds "
+                             "per case to collect --reps of them)")
     parser.add_argument("--ceilings", default="measure",
                         help="'measure' (default) or an anchors JSON with copy_GBps/*_TFLOPs")
     parser.add_argument("--sweep", choices=("none", "n", "k", "both"), default="none",
@@ -488,6 +545,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("CUDA is not available", file=sys.stderr)
         return 2
     precision = args.precision or ("tf32" if device.type == "cuda" else "ieee")
+    stat = args.stat or ("clean" if device.type == "cpu" and runqueue_wait_ns() is not None
+                         else "median")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     providers = _split(args.providers) or pa.available_providers(
@@ -518,19 +577,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {"meta": meta, "ceilings": ceilings.to_dict(), "rows": [], "sweeps": []}
     text_parts = [f"rqvae-fast bench | {meta['date']} | {meta['device']} | torch {meta['torch']}"
                   f" | triton {meta['triton']} | commit {meta['commit']} | precision {precision}"
-                  f" | ms = {args.stat} of repetitions"]
+                  f" | ms = {stat}" + (" (median of undisturbed repetitions)" if stat == "clean"
+                                         else " of repetitions")]
     if not args.no_matrix:
         report["rows"] = run_matrix(shapes, modes, providers, device, precision, ceilings,
                                     backend=args.backend, allow_interpreted=args.allow_interpreted,
                                     reps=reps, max_seconds=args.max_seconds, skip=args.skip,
-                                    stat=args.stat, log=log)
+                                    stat=stat, log=log)
         text_parts.append(format_table(report["rows"]))
     axes = {"none": (), "n": ("n",), "k": ("k",), "both": ("n", "k")}[args.sweep]
     for axis in axes:
         sweep = run_sweep(axis, device, precision, ceilings, modes=_split(args.sweep_modes),
                           providers=_split(args.sweep_providers), quick=args.quick,
                           backend=args.backend, reps=reps, max_seconds=args.max_seconds,
-                          stat=args.stat, log=log)
+                          stat=stat, log=log)
         report["sweeps"].append(sweep)
         text_parts.append(format_sweep(sweep))
     if args.plot and report["sweeps"]:

@@ -80,6 +80,14 @@ def test_matmul_precision_context_restores():
     assert torch.get_float32_matmul_precision() == before
 
 
+def test_clean_timing_keeps_budget():
+    wait = bench.runqueue_wait_ns()
+    assert wait is None or wait >= 0
+    clean, every = bench.clean_times(lambda: sum(range(1000)), reps=3, max_seconds=0.5)
+    assert len(every) >= 1 and len(clean) <= 3 and all(t >= 0 for t in every)
+    assert set(clean) <= set(every)
+
+
 def test_fit_exponent():
     xs = [2.0 ** e for e in range(4, 10)]
     assert bench.fit_exponent(xs, [3 * x for x in xs]) == pytest.approx(1.0)

@@ -37,8 +37,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from . import peer_adapters as pa
-from .roofline import (Ceilings, Shape, device_name, fmt_si, measure_ceilings, median_ms,
-                       output_bytes, roofline)
+from .roofline import (Ceilings, Shape, clean_times, device_name, fmt_si, measure_ceilings,
+                       median_ms, output_bytes, roofline, runqueue_wait_ns)
+from .roofline import median as _median
 
 MIB = float(1 << 20)
 
@@ -135,48 +136,6 @@ class OtherLoad:
 # ----------------------------------------------------------------------------- measuring
 
 
-def runqueue_wait_ns() -> Optional[int]:
-    """Total time this process's threads spent runnable but waiting for a CPU (Linux schedstat),
-    in ns; None where unavailable. A step during which it did not grow had the cores to itself."""
-    total, seen = 0, False
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat") as fh:
-                total += int(fh.read().split()[1])
-                seen = True
-        except (OSError, ValueError, IndexError):
-            continue
-    return total if seen else None
-
-
-def clean_times(step, *, reps: int, max_seconds: float, max_wait: float = 0.02) -> tuple:
-    """Time ``step`` until ``reps`` *clean* repetitions -- ones whose threads waited for a CPU
-    less than ``max_wait`` of the wall time, i.e. no other job took the cores -- or until
-    ``max_seconds`` ran out. Returns ``(clean ms list, all ms list)``."""
-    clean, every = [], []
-    start = time.perf_counter()
-    while len(clean) < reps and (not every or time.perf_counter() - start < max_seconds):
-        wait0 = runqueue_wait_ns()
-        t0 = time.perf_counter()
-        step()
-        wall = time.perf_counter() - t0
-        wait1 = runqueue_wait_ns()
-        every.append(wall * 1e3)
-        if wait0 is not None and wait1 is not None and (wait1 - wait0) * 1e-9 < max_wait * wall:
-            clean.append(wall * 1e3)
-    return clean, every
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
 def time_case(case: pa.Case, *, reps: int, max_seconds: float, stat: str = "median") -> tuple:
     """``(median ms, min ms, extra)`` of one step of ``case`` (already warmed).
 
@@ -185,8 +144,8 @@ def time_case(case: pa.Case, *, reps: int, max_seconds: float, stat: str = "medi
     """
     if case.device.type == "cpu" and stat == "clean":
         clean, every = clean_times(case.step, reps=reps, max_seconds=max_seconds)
-        use = clean or every
-        return _median(use), min(use), {"clean_reps": len(clean), "reps": len(every)}
+        mid = _median(clean) if clean else min(every)   # none clean: the least disturbed one
+        return mid, min(clean or every), {"clean_reps": len(clean), "reps": len(every)}
     if case.device.type == "cuda":
         try:
             import triton.testing
@@ -206,6 +165,12 @@ def measure_case(case: pa.Case, ceilings: Ceilings, *, reps: int, max_seconds: f
     repetitions no other job disturbed. ``median_ms`` and ``min_ms`` are kept as well."""
     case.warm(warm_calls)
     median, min_ms, extra = time_case(case, reps=reps, max_seconds=max_seconds, stat=stat)
+    return finish_row(case, ceilings, median, min_ms, extra, stat)
+
+
+def finish_row(case: pa.Case, ceilings: Ceilings, median: float, min_ms: float, extra: dict,
+               stat: str) -> dict:
+    """Peak memory of one more step, then the JSON row of a timed case."""
     ms = min_ms if stat == "min" else median
     peak = pa.peak_extra_bytes(case)
     roof = roofline(case.shape, case.mode, case.precision, ms, ceilings)
@@ -243,6 +208,15 @@ def run_matrix(shapes: Sequence[Shape], modes: Sequence[str], providers: Sequenc
     rows: List[dict] = []
     total = len(shapes) * len(modes) * len(providers)
     count = 0
+    if device.type == "cpu" and stat == "clean":
+        for shape in shapes:
+            for mode in modes:
+                rows += run_group_interleaved(shape, mode, providers, device, precision, ceilings,
+                                              backend=backend, allow_interpreted=allow_interpreted,
+                                              reps=reps, max_seconds=max_seconds, skip=skip,
+                                              log=log)
+        add_speedups(rows)
+        return rows
     for shape in shapes:
         for mode in modes:
             for provider in providers:
@@ -273,6 +247,65 @@ def run_matrix(shapes: Sequence[Shape], modes: Sequence[str], providers: Sequenc
                     log(f"[{count}/{total}] {key}: {what} ({time.perf_counter() - t0:.1f}s)")
     add_speedups(rows)
     return rows
+
+
+def run_group_interleaved(shape: Shape, mode: str, providers: Sequence[str], device: torch.device,
+                          precision: str, ceilings: Ceilings, *, backend: str,
+                          allow_interpreted: bool, reps: int, max_seconds: float,
+                          skip: Sequence[str], log=None) -> List[dict]:
+    """CPU, ``stat="clean"``: build and warm every provider of one (shape, mode), then time them
+    round-robin -- so all meet the same machine conditions -- keeping only undisturbed repetitions,
+    until each has ``reps`` of them or ``max_seconds`` per provider ran out."""
+    name = shape.name or shape.label
+    rows: Dict[str, dict] = {}
+    cases: Dict[str, pa.Case] = {}
+    for provider in providers:
+        base = {"provider": provider, "mode": mode, "shape": name, "N": shape.n, "D": shape.d,
+                "K": shape.k, "L": shape.layers, "precision": precision}
+        if any(fnmatch.fnmatchcase(f"{provider}:{mode}:{name}", pat) for pat in skip):
+            rows[provider] = {**base, "skipped": "--skip"}
+            continue
+        try:
+            case = pa.build_case(provider, mode, shape, device, precision, backend=backend,
+                                 allow_interpreted=allow_interpreted)
+            case.warm(2)
+            cases[provider] = case
+        except pa.Unavailable as err:
+            rows[provider] = {**base, "skipped": str(err)}
+        except Exception as err:
+            rows[provider] = {**base, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    clean: Dict[str, List[float]] = {p: [] for p in cases}
+    every: Dict[str, List[float]] = {p: [] for p in cases}
+    start = time.perf_counter()
+    budget = max_seconds * max(1, len(cases))
+    while cases and any(len(clean[p]) < reps for p in cases):
+        for provider, case in cases.items():
+            if len(clean[provider]) >= reps:
+                continue
+            got, seen = clean_times(case.step, reps=1, max_seconds=0.0)
+            clean[provider] += got
+            every[provider] += seen
+        if time.perf_counter() - start > budget:
+            break
+    for provider, case in cases.items():
+        extra = {"clean_reps": len(clean[provider]), "reps": len(every[provider])}
+        # No undisturbed repetition: the fastest one is the least disturbed estimate.
+        mid = _median(clean[provider]) if clean[provider] else min(every[provider])
+        low = min(clean[provider] or every[provider])
+        try:
+            rows[provider] = finish_row(case, ceilings, mid, low, extra, "clean")
+        except Exception as err:
+            rows[provider] = {"provider": provider, "mode": mode, "shape": name, "N": shape.n,
+                              "D": shape.d, "K": shape.k, "L": shape.layers,
+                              "precision": precision, "error": f"{type(err).__name__}: {err}"}
+        if log is not None:
+            row = rows[provider]
+            log(f"{provider}:{mode}:{name}: " + (f"{row['ms']:.4g} ms ({extra['clean_reps']}/"
+                                                 f"{extra['reps']} clean)" if "ms" in row
+                                                 else row.get("error", "")))
+    cases.clear()
+    _release(device)
+    return [rows[p] for p in providers if p in rows]
 
 
 def add_speedups(rows: List[dict]) -> None:
@@ -564,7 +597,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         meta["other_jobs_cpu_share_at_start"] = round(load.share(), 3)
         if meta["other_jobs_cpu_share_at_start"] > 0.1:
             log(f"warning: other processes use {100 * meta['other_jobs_cpu_share_at_start']:.0f}% "
-                "of the CPUs: timings will be noisy (consider --stat min)")
+                "of the CPUs" + (": only undisturbed repetitions count (--stat clean)"
+                                 if stat == "clean" else ": timings will be noisy"))
         load.start()
     if args.ceilings == "measure":
         log("measuring ceilings (device copy, matmul per precision) ...")

@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=20, metavar="N", help="passes over the data")
     train.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="items per step")
     train.add_argument("--optimizer", choices=("adamw", "adagrad"), default="adamw",
-                       help="AdamW, or Adagrad as TIGER")
-    train.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 1e-3 AdamW, 0.4 Adagrad)")
+                       help="AdamW, or Adagrad as TIGER (which used lr 0.4)")
+    train.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 1e-3 AdamW, 0.01 Adagrad)")
     train.add_argument("--weight-decay", type=float, default=1e-4, metavar="W", help="AdamW weight decay")
     train.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle",
                        help="learning-rate schedule (per step)")

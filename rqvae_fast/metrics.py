@@ -251,8 +251,8 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
     if math.isfinite(facts.data_variance) and facts.data_variance > 0:
         explained = 1.0 - facts.recon_loss / facts.data_variance
         if explained < 0.5:
-            warnings.append(f"high reconstruction loss: only {explained:.0%} of the data variance is "
-                            "reconstructed; try a larger --latent-dim, wider/deeper --hidden-dims, "
+            warnings.append(f"high reconstruction loss: only {max(0.0, explained):.0%} of the data "
+                            "variance is reconstructed; train longer, or try a larger --latent-dim, wider/deeper --hidden-dims, "
                             "more layers, or a lower --beta")
     if math.isfinite(facts.relative_quant_error) and facts.relative_quant_error > 0.5:
         warnings.append(f"high quantization loss: codes miss {facts.relative_quant_error:.0%} of the "
@@ -262,10 +262,11 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
 
 
 def _collapse_cause(facts: TrainingFacts, size: int) -> str:
-    high_lr = facts.lr > (0.5 if facts.optimizer == "adagrad" else 1e-3)
+    high_lr = facts.lr > (0.05 if facts.optimizer == "adagrad" else 1e-3)
     if high_lr:
         return (f"learning rate {facts.lr:g} too high for {facts.optimizer}; lower it "
-                f"({'0.1-0.4' if facts.optimizer == 'adagrad' else '1e-4 to 1e-3'}) with a scheduler")
+                f"({'0.005-0.05' if facts.optimizer == 'adagrad' else '1e-4 to 1e-3'}) with a "
+                "scheduler")
     if facts.num_train_items < 4 * size:
         return (f"only {facts.num_train_items} training items for {size} codes; use smaller "
                 "codebooks or more data")

@@ -24,7 +24,9 @@ from .metrics import COLLAPSE_USAGE, TrainingFacts, collision_stats, diagnose, l
 
 OPTIMIZERS = ("adamw", "adagrad")
 SCHEDULERS = ("onecycle", "cosine", "none")
-DEFAULT_LR = {"adamw": 1e-3, "adagrad": 0.4}  # Adagrad 0.4 as TIGER
+# TIGER trained with Adagrad at 0.4, but Adagrad's first steps move every weight by about the
+# learning rate; with these BatchNorm MLPs 0.4 collapses the codebooks, 0.005-0.05 trains well.
+DEFAULT_LR = {"adamw": 1e-3, "adagrad": 0.01}
 # Below this many steps BatchNorm's running statistics still remember their start values; the
 # trainer then recomputes them before evaluating (eval-mode IDs must match what training saw).
 BN_SETTLE_STEPS = 100
@@ -42,7 +44,7 @@ class TrainConfig:
     """Training settings (defaults follow the seed: batch 1024, AdamW 1e-3, OneCycleLR, beta warm-up
     0.1 -> the model's commitment cost).
 
-    - ``lr=None``: 1e-3 for AdamW, 0.4 for Adagrad.
+    - ``lr=None``: 1e-3 for AdamW, 0.01 for Adagrad (TIGER's 0.4 collapses these MLPs).
     - ``beta_start=None`` disables the commitment warm-up; ``beta_warmup`` is the share of all
       training steps over which beta rises linearly to the model's ``commitment_cost``.
     - ``dead_code_window``: steps after which codes unused during them are re-seeded from current

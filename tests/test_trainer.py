@@ -148,7 +148,8 @@ def test_commitment_warm_up_and_schedules(catalogue):
     assert result.history[0]["beta"] < 0.5 and result.history[-1]["beta"] == pytest.approx(0.5)
     assert result.history[-1]["lr"] < 1e-3  # cosine annealed to ~0
     assert all(layer.commitment_cost == 0.5 for layer in model.vq.vq_layers)
-    assert TrainConfig(optimizer="adagrad").learning_rate == 0.4
+    assert TrainConfig(optimizer="adagrad").learning_rate == 0.01
+    assert TrainConfig(optimizer="adagrad", lr=0.4).learning_rate == 0.4
 
 
 def test_dead_codes_are_reseeded_from_residuals(catalogue):
@@ -221,6 +222,7 @@ def test_diagnose_is_quiet_when_healthy():
 
 @pytest.mark.parametrize("changes, cause", [
     (dict(lr=1e-2), "learning rate"),
+    (dict(lr=0.4, optimizer="adagrad"), "too high for adagrad"),
     (dict(commitment_cost=0.05), "beta"),
     (dict(num_train_items=500), "training items"),
     (dict(dead_code_reset=False), "dead-code reset"),

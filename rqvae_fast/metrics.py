@@ -252,8 +252,8 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
         explained = 1.0 - facts.recon_loss / facts.data_variance
         if explained < 0.5:
             warnings.append(f"high reconstruction loss: only {max(0.0, explained):.0%} of the data "
-                            "variance is reconstructed; train longer, or try a larger --latent-dim, wider/deeper --hidden-dims, "
-                            "more layers, or a lower --beta")
+                            "variance is reconstructed; train longer, or try a larger --latent-dim, "
+                            "wider/deeper --hidden-dims, more layers, or a lower --beta")
     if math.isfinite(facts.relative_quant_error) and facts.relative_quant_error > 0.5:
         warnings.append(f"high quantization loss: codes miss {facts.relative_quant_error:.0%} of the "
                         "latent variance; try a higher --beta, larger codebooks, or more data for "

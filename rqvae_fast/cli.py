@@ -22,7 +22,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .data import UserError, atomic_output, load_embeddings, open_embeddings, parse_int_list
+from .data import UserError, atomic_output, describe_rows, load_embeddings, open_embeddings, \
+    parse_int_list
 
 PROG = "rqvae-fast"
 DEMO_OUT = Path("runs/demo")
@@ -260,7 +261,7 @@ def cmd_fit(args) -> int:
         source = open_embeddings(args.data, args.column, args.id_column)
         loaded = load_embeddings(source, drop_nonfinite=args.drop_nonfinite, max_rows=args.max_items)
         if loaded.dropped_rows:
-            _say(f"skipped {len(loaded.dropped_rows)} rows holding NaN/Inf")
+            _say(_skipped(loaded.dropped_rows))
         embeddings, item_ids = loaded.embeddings, loaded.item_ids
         out_dir = args.out or Path("runs") / Path(args.data).stem
     if args.max_items is not None and args.data is None:
@@ -309,6 +310,10 @@ def cmd_fit(args) -> int:
     _say(f"wrote {checkpoint} (model), " + ", ".join(str(p) for p in written))
     _say(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _skipped(rows: Sequence[int]) -> str:
+    return f"skipped {describe_rows(rows)} holding NaN/Inf (--drop-nonfinite)"
 
 
 def _output_folder(path) -> Path:
@@ -399,7 +404,7 @@ def cmd_encode(args) -> int:
                             drop_nonfinite=args.drop_nonfinite, progress=not args.no_progress)
     encode_seconds = time.perf_counter() - encode_started
     if encoded.dropped_rows:
-        _say(f"skipped {len(encoded.dropped_rows)} rows holding NaN/Inf")
+        _say(_skipped(encoded.dropped_rows))
     summary = {"items": int(encoded.codes.shape[0]), "checkpoint": str(args.checkpoint),
                "data": str(args.data), "dropped_rows": encoded.dropped_rows[:1000]}
     lines = _id_report(encoded.codes, model.codebook_sizes, summary)

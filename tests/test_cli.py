@@ -124,9 +124,28 @@ def test_fit_drops_nonfinite_rows_on_request(tmp_path, small_npy, capsys):
     assert _no_outputs(out)
     code, text, err = _run(capsys, "fit", small_npy, "--out", out, "--drop-nonfinite", *SMALL)
     assert code == 0, err
-    assert "skipped 2 rows" in text
+    assert "skipped rows 4, 250 (2 rows)" in text
     ids = [row["item_id"] for row in csv.DictReader(open(out / "ids.csv"))]
     assert len(ids) == 298 and "4" not in ids and "250" not in ids
+
+
+def test_csv_with_item_ids_and_a_bad_row(tmp_path, small_npy, capsys):
+    data = np.load(small_npy)[:40]
+    data[7, 3] = np.inf
+    lines = ["sku," + ",".join(f"f{i}" for i in range(16))]
+    lines += [f"sku-{i}," + ",".join(repr(float(v)) for v in row) for i, row in enumerate(data)]
+    (tmp_path / "items.csv").write_text("\n".join(lines) + "\n")
+    assert _run(capsys, "fit", small_npy, "--out", tmp_path / "run", *SMALL)[0] == 0
+    encode = ["encode", tmp_path / "run" / "checkpoint.pt", tmp_path / "items.csv", "--id-column",
+              "sku", "--out", tmp_path / "ids", "--batch-size", 16, "--no-progress"]
+    code, _, err = _run(capsys, *encode)
+    _assert_user_error(code, err, r"row 7 \(1 row\)")
+    assert _no_outputs(tmp_path / "ids")
+    code, text, err = _run(capsys, *encode, "--drop-nonfinite")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "ids" / "ids.csv")))
+    assert [r["item_id"] for r in rows] == [f"sku-{i}" for i in range(40) if i != 7]
+    assert "skipped row 7 (1 row)" in text
 
 
 # ---- bad input: one line, exit 2, nothing half-written -------------------------------------------

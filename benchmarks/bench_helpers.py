@@ -20,6 +20,7 @@ def run_case(benchmark, cfg, ceilings, provider, mode, shape):
     device. ``extra_info`` holds TFLOP/s, GB/s, the roofline fraction for the precision, the peak
     extra memory and the device name (rates only when timing is enabled and not interpreted).
     """
+    pa.reset_compiled()
     try:
         case = pa.build_case(provider, mode, shape, cfg.device, cfg.precision, backend=cfg.backend,
                              allow_interpreted=cfg.allow_interpreted)

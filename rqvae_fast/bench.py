@@ -229,6 +229,7 @@ def run_matrix(shapes: Sequence[Shape], modes: Sequence[str], providers: Sequenc
                     rows.append({**base, "skipped": "--skip"})
                     continue
                 t0 = time.perf_counter()
+                pa.reset_compiled()
                 try:
                     case = pa.build_case(provider, mode, shape, device, precision, backend=backend,
                                          allow_interpreted=allow_interpreted)
@@ -259,6 +260,7 @@ def run_group_interleaved(shape: Shape, mode: str, providers: Sequence[str], dev
     name = shape.name or shape.label
     rows: Dict[str, dict] = {}
     cases: Dict[str, pa.Case] = {}
+    pa.reset_compiled()
     for provider in providers:
         base = {"provider": provider, "mode": mode, "shape": name, "N": shape.n, "D": shape.d,
                 "K": shape.k, "L": shape.layers, "precision": precision}

@@ -177,7 +177,7 @@ def build_case(provider: str, mode: str, shape: Shape, device: torch.device | st
 
     resident = problem.nbytes + _state_bytes(forward)
     if provider == "seed+compile":
-        torch._dynamo.reset()  # fresh caches: every case compiles for its own static shape
+        _raise_recompile_limit()
         forward = torch.compile(forward, dynamic=False)
         label = "inductor"
 
@@ -188,6 +188,23 @@ def build_case(provider: str, mode: str, shape: Shape, device: torch.device | st
 
 
 # ----------------------------------------------------------------------------- providers
+
+
+def reset_compiled() -> None:
+    """Forget every torch.compile'd frame. Cases of one class share code objects, so call this
+    between groups of cases (never while a compiled case is still to be timed: it would
+    recompile inside the timing)."""
+    torch._dynamo.reset()
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Compiled cases of one provider share a code object; keep dynamo from silently falling
+    back to eager once the default limit (8) of recompilations is reached."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < limit:
+            setattr(config, name, limit)
+            break
 
 
 def _ours(shape, problem, mode, precision, backend, device):
@@ -231,7 +248,7 @@ def _reference(problem: Problem, mode: str, precision: str, compiled: bool):
         return out.quantized, out.indices, out.loss, out.code_counts, out.code_sums
 
     if compiled:
-        torch._dynamo.reset()
+        _raise_recompile_limit()
         quantize = torch.compile(quantize, dynamic=False)
 
     pending = []

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
 import re
 import string
 import threading
-import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union

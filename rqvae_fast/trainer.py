@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -537,7 +538,7 @@ def _json_default(value):
 
 def _require_matplotlib():
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from None
 

@@ -95,7 +95,9 @@ def check_config(stored: dict, wanted: dict, path="checkpoint") -> None:
 
 
 def build_model(config: dict, **options) -> nn.Module:
-    """An untrained model of the kind and shape ``config`` describes (``options``: backend, precision)."""
+    """An untrained model of the kind and shape ``config`` describes.
+
+    ``options`` are runtime choices passed to the constructor (``backend``, ``precision``)."""
     from .kmeans import RQKMeans
     from .model import RQVAE
 

@@ -77,8 +77,10 @@ def _fraction(text: str) -> float:
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input file")
-    group.add_argument("--column", metavar="NAME", help="vector column (CSV/Parquet) or dict key (.pt)")
-    group.add_argument("--id-column", metavar="NAME", help="item id column (CSV/Parquet); default: row numbers")
+    group.add_argument("--column", metavar="NAME",
+                       help="vector column (CSV/Parquet) or dict key (.pt)")
+    group.add_argument("--id-column", metavar="NAME",
+                       help="item id column (CSV/Parquet); default: row numbers")
     group.add_argument("--drop-nonfinite", action="store_true",
                        help="skip rows holding NaN/Inf instead of stopping with an error")
 
@@ -86,7 +88,7 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Turn item embeddings into collision-free semantic IDs with a residual-quantized "
+        description="Turn item embeddings into collision-free semantic IDs with a residual-quantized\n"
                     "autoencoder (RQ-VAE) or residual k-means, on fused quantization kernels.",
         epilog="Run 'rqvae-fast fit' with no data for a self-checking demo on a synthetic catalogue.\n"
                "Details: rqvae-fast COMMAND --help")
@@ -110,45 +112,58 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--method", choices=("rqvae", "rqkmeans"), default="rqvae",
                      help="RQ-VAE (encoder + residual quantizer + decoder) or residual k-means "
                           "on the raw embeddings (no encoder)")
-    fit.add_argument("--max-items", type=_positive_int, metavar="N", help="train on the first N items only")
+    fit.add_argument("--max-items", type=_positive_int, metavar="N",
+                     help="train on the first N items only")
     _add_input_options(fit)
     model = fit.add_argument_group("model")
-    model.add_argument("--layers", type=_positive_int, default=3, metavar="L", help="quantization layers (ID length)")
+    model.add_argument("--layers", type=_positive_int, default=3, metavar="L",
+                       help="quantization layers (ID length)")
     model.add_argument("--codebook-size", default="256", metavar="K[,K...]",
                        help="codes per layer: one number or one per layer (e.g. 256,256,256)")
-    model.add_argument("--latent-dim", type=_positive_int, default=32, metavar="D", help="width of the quantized latent")
+    model.add_argument("--latent-dim", type=_positive_int, default=32, metavar="D",
+                       help="width of the quantized latent")
     model.add_argument("--hidden-dims", default="512,256,128", metavar="H[,H...]",
                        help="encoder hidden widths (the decoder mirrors them)")
     model.add_argument("--beta", type=float, default=0.25, metavar="B", help="commitment cost")
-    model.add_argument("--ema", action="store_true", help="move codebooks by EMA instead of gradients")
-    model.add_argument("--decay", type=float, default=0.99, metavar="D", help="EMA decay (with --ema)")
+    model.add_argument("--ema", action="store_true",
+                       help="move codebooks by EMA instead of gradients")
+    model.add_argument("--decay", type=float, default=0.99, metavar="D",
+                       help="EMA decay (with --ema)")
     model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste"), default="seed",
                        help="gradient routing through the quantizer (see README)")
     train = fit.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=20, metavar="N", help="passes over the data")
-    train.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="items per step")
+    train.add_argument("--epochs", type=_positive_int, default=20, metavar="N",
+                       help="passes over the data")
+    train.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N",
+                       help="items per step")
     train.add_argument("--optimizer", choices=("adamw", "adagrad"), default="adamw",
                        help="AdamW, or Adagrad as TIGER (which used lr 0.4)")
-    train.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default 1e-3 AdamW, 0.01 Adagrad)")
-    train.add_argument("--weight-decay", type=float, default=1e-4, metavar="W", help="AdamW weight decay")
+    train.add_argument("--lr", type=float, metavar="LR",
+                       help="peak learning rate (default 1e-3 AdamW, 0.01 Adagrad)")
+    train.add_argument("--weight-decay", type=float, default=1e-4, metavar="W",
+                       help="AdamW weight decay")
     train.add_argument("--scheduler", choices=("onecycle", "cosine", "none"), default="onecycle",
                        help="learning-rate schedule (per step)")
-    train.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM", help="max gradient norm (0 = off)")
+    train.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM",
+                       help="max gradient norm (0 = off)")
     train.add_argument("--beta-start", type=float, default=0.1, metavar="B",
                        help="commitment cost at the start of the warm-up (negative = no warm-up)")
     train.add_argument("--beta-warmup", type=float, default=0.2, metavar="SHARE",
                        help="share of training over which beta rises to --beta")
     train.add_argument("--dead-code-window", type=_non_negative_int, metavar="STEPS",
                        help="re-seed codes unused for this many steps (default one epoch; 0 = off)")
-    train.add_argument("--val-fraction", type=_fraction, default=0.05, metavar="SHARE", help="held-out share")
+    train.add_argument("--val-fraction", type=_fraction, default=0.05, metavar="SHARE",
+                       help="held-out share")
     train.add_argument("--patience", type=_non_negative_int, default=5, metavar="EPOCHS",
                        help="epochs without validation improvement before stopping (0 = never)")
     train.add_argument("--init-samples", type=_positive_int, default=100_000, metavar="N",
                        help="items used for the k-means codebook initialization")
     train.add_argument("--kmeans-iters", type=_positive_int, default=20, metavar="N",
                        help="Lloyd iterations of the fused k-means")
-    train.add_argument("--seed", type=int, default=0, metavar="S", help="seed for weights, split, shuffling")
-    train.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
+    train.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="seed for weights, split, shuffling")
+    train.add_argument("--device", default="auto", metavar="DEV",
+                       help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.pt (same data and settings)")
     train.add_argument("--plot", action="store_true",
@@ -160,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-dedup", action="store_true",
                      help="do not append the disambiguation position")
     demo = fit.add_argument_group("demo catalogue (without DATA)")
-    demo.add_argument("--num-items", type=_positive_int, default=50_000, metavar="N", help="catalogue size")
+    demo.add_argument("--num-items", type=_positive_int, default=50_000, metavar="N",
+                      help="catalogue size")
     demo.add_argument("--dim", type=_positive_int, default=768, metavar="D", help="embedding width")
     fit.set_defaults(func=cmd_fit)
 
@@ -172,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "string). A last disambiguation position makes every ID unique.")
     enc.add_argument("checkpoint", type=Path, help="checkpoint.pt written by 'fit'")
     enc.add_argument("data", help=".npy, .pt, .csv/.tsv or .parquet file of item embeddings")
-    enc.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/<DATA stem>_ids)")
+    enc.add_argument("--out", type=Path, metavar="DIR",
+                     help="output folder (default: runs/<DATA stem>_ids)")
     enc.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv",
                      help="format of the ID table")
-    enc.add_argument("--batch-size", type=_positive_int, default=65536, metavar="N", help="rows per batch")
+    enc.add_argument("--batch-size", type=_positive_int, default=65536, metavar="N",
+                     help="rows per batch")
     enc.add_argument("--no-dedup", action="store_true",
                      help="do not append the disambiguation position")
     enc.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
@@ -188,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", formatter_class=_Formatter, help="usage, perplexity and collisions of IDs",
         description="Report per-layer code usage and perplexity and full-ID collisions for a codes "
                     ".npy or an ID table; for a checkpoint, its configuration and last epoch.")
-    stats.add_argument("path", type=Path, help="codes .npy, ids .csv/.jsonl/.parquet, or checkpoint .pt")
+    stats.add_argument("path", type=Path,
+                       help="codes .npy, ids .csv/.jsonl/.parquet, or checkpoint .pt")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(func=cmd_stats)
 
@@ -461,7 +480,8 @@ def cmd_stats(args) -> int:
     for depth, p in enumerate(prefixes, start=1):
         _say(f"  first {depth} position(s): {p.unique_ids} distinct prefixes, largest group "
              f"{p.largest_group}")
-    _say(f"  full ID: {collisions.unique_ids} distinct, collision rate {collisions.collision_rate:.2%}, "
+    _say(f"  full ID: {collisions.unique_ids} distinct, "
+         f"collision rate {collisions.collision_rate:.2%}, "
          f"{collisions.colliding_share:.2%} of items share their ID, largest group "
          f"{collisions.largest_group}")
     return 0

@@ -375,7 +375,8 @@ def describe_rows(rows: Sequence[int], limit: int = 5) -> str:
     """``"rows 3, 17, 40 (3 rows)"`` with at most ``limit`` numbers shown."""
     shown = ", ".join(str(int(r)) for r in rows[:limit])
     more = ", ..." if len(rows) > limit else ""
-    return f"row{'s' if len(rows) > 1 else ''} {shown}{more} ({len(rows)} row{'s' if len(rows) > 1 else ''})"
+    plural = "s" if len(rows) > 1 else ""
+    return f"row{plural} {shown}{more} ({len(rows)} row{plural})"
 
 
 def nonfinite_error(path, rows: Sequence[int]) -> DataError:

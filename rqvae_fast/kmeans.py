@@ -89,11 +89,11 @@ def fused_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = 20, seed: O
                  precision: Optional[str] = None) -> KMeansResult:
     """Lloyd's k-means of ``data (N, D)`` into ``num_codes`` centroids on the fused kernels.
 
-    Seeds by greedy k-means++ on ``init_sample`` rows (default ``64 * num_codes``); each iteration
-    is one fused assignment + statistics pass (``init (num_codes, D)``: start from these instead). A centroid left empty is moved onto the row farthest
-    from its own centroid. Stops early when the relative centroid shift falls to ``tol`` (> 0; this
-    check synchronizes the device once per iteration). With fewer rows than codes, rows are drawn
-    with replacement as the seed does.
+    Seeds by greedy k-means++ on ``init_sample`` rows (default ``64 * num_codes``), or starts from
+    ``init (num_codes, D)``; each iteration is one fused assignment + statistics pass. A centroid
+    left empty is moved onto the row farthest from its own centroid. Stops early when the relative
+    centroid shift falls to ``tol`` (> 0; this check synchronizes the device once per iteration).
+    With fewer rows than codes, rows are drawn with replacement as the seed does.
     """
     points = _check_data(data)
     gen = _generator(points.device, seed)

@@ -238,7 +238,8 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
     history = [v for v in facts.previous_monitor if math.isfinite(v)]
     current = facts.monitor
     if len(history) >= 2 and math.isfinite(current) and current > 1.5 * min(history):
-        warnings.append(f"unstable training: loss {current:.4g} is {current / min(history):.1f}x its best "
+        warnings.append(f"unstable training: loss {current:.4g} is "
+                        f"{current / min(history):.1f}x its best "
                         f"({min(history):.4g}); lower the learning rate (now {facts.lr:g}), keep "
                         "gradient clipping, or use --ema codebooks")
     if not facts.settled:

@@ -38,7 +38,8 @@ class RQEncoder(nn.Module):
 
 
 class RQDecoder(nn.Module):
-    """``(N, latent_dim) -> (N, output_dim)`` through the hidden widths reversed (mirrors the encoder)."""
+    """``(N, latent_dim) -> (N, output_dim)`` through the hidden widths reversed (the mirror image
+    of the encoder)."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], output_dim: int):
         super().__init__()

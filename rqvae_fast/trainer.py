@@ -86,7 +86,8 @@ class TrainConfig:
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.epochs < 1 or self.batch_size < 2:
-            raise UserError(f"need epochs >= 1 and batch size >= 2, got {self.epochs}, {self.batch_size}")
+            raise UserError(f"need epochs >= 1 and batch size >= 2, "
+                            f"got {self.epochs}, {self.batch_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr is not None and not self.lr > 0:
@@ -409,7 +410,8 @@ class Trainer:
             totals = np.zeros(3)
             for rows in val_rows.split(cfg.eval_batch_size):
                 out = model.run(source[rows.to(source.device)], target)
-                totals += rows.numel() * np.array([float(out.losses[k]) for k in ("total", "recon", "vq")])
+                losses = [float(out.losses[k]) for k in ("total", "recon", "vq")]
+                totals += rows.numel() * np.array(losses)
             totals /= val_rows.numel()
             record.update(val_total=totals[0], val_recon=totals[1], val_vq=totals[2])
             record["monitor"] = float(totals[0])
@@ -449,7 +451,8 @@ class Trainer:
         self.log(f"epoch {record['epoch']:>3}: loss {record['train_total']:.4f} "
                  f"(recon {record['train_recon']:.4f}, vq {record['train_vq']:.4f}){val} | usage "
                  f"{usage_text} | perplexity {ppl_text} | collisions {record['collision_rate']:.2%}"
-                 + (f" | reset {record['dead_codes_reset']} codes" if record["dead_codes_reset"] else ""))
+                 + (f" | reset {record['dead_codes_reset']} codes"
+                    if record["dead_codes_reset"] else ""))
         for message in warnings:
             self.log(f"warning: {message}")
 

@@ -22,7 +22,7 @@ import torch
 
 from rqvae_fast import bench
 from rqvae_fast import peer_adapters as pa
-from rqvae_fast.roofline import Shape, measure_ceilings
+from rqvae_fast.roofline import Ceilings, Shape, device_name, measure_ceilings
 
 CPU_SHAPES = ("cpu-small", "cpu")
 CUDA_SHAPES = ("small", "A", "B")
@@ -118,5 +118,9 @@ def bench_cfg(request) -> BenchConfig:
 
 @pytest.fixture(scope="session")
 def ceilings(bench_cfg):
-    """Copy bandwidth and matmul rates, measured once per session (quickly when quick/disabled)."""
-    return measure_ceilings(bench_cfg.device, quick=bench_cfg.quick or bench_cfg.disabled)
+    """Copy bandwidth and matmul rates, measured once per session (quickly in quick mode; not at
+    all with --benchmark-disable, where nothing is timed)."""
+    if bench_cfg.disabled:
+        return Ceilings(device=device_name(bench_cfg.device), copy_gbps=float("nan"),
+                        source="not measured (--benchmark-disable)")
+    return measure_ceilings(bench_cfg.device, quick=bench_cfg.quick)

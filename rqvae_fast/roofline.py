@@ -287,31 +287,33 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _best_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+def _best_ms(fn: Callable[[], object], device: torch.device, reps: int,
+             clean_seconds: float = 20.0) -> float:
     """Fastest repetition (a ceiling). On CPU only undisturbed repetitions count, when any came
-    within 20 s: a matmul sharing its cores with another job understates the ceiling."""
+    within ``clean_seconds``: a matmul sharing its cores with another job understates the ceiling."""
     if device.type == "cpu":
         for _ in range(2):
             fn()
-        clean, every = clean_times(fn, reps=reps, max_seconds=20.0)
+        clean, every = clean_times(fn, reps=reps, max_seconds=clean_seconds)
         return min(clean or every)
     _, times = median_ms(fn, device, warmup=2, reps=reps)
     return min(times)
 
 
-def measure_copy_gbps(device: torch.device, mbytes: int = 1024, reps: int = 10) -> float:
+def measure_copy_gbps(device: torch.device, mbytes: int = 1024, reps: int = 10,
+                      clean_seconds: float = 20.0) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s), from the
     fastest of ``reps`` copies (a ceiling, robust to other load on a shared CPU)."""
     numel = mbytes * (1 << 20) // 4
     src = torch.rand(numel, device=device)
     dst = torch.empty_like(src)
-    best = _best_ms(lambda: dst.copy_(src), device, reps)
+    best = _best_ms(lambda: dst.copy_(src), device, reps, clean_seconds)
     del src, dst
     return 2.0 * numel * 4 / (best * 1e-3) / 1e9
 
 
 def measure_matmul_tflops(device: torch.device, precision: str, size: int = 8192,
-                          reps: int = 10) -> float:
+                          reps: int = 10, clean_seconds: float = 20.0) -> float:
     """Rate of a ``size``-cubed matmul on random data in ``precision`` (TFLOP/s).
 
     ``ieee``: fp32 with TF32 disabled; ``tf32``: fp32 with TF32 allowed (CUDA only; on CPU this
@@ -323,7 +325,7 @@ def measure_matmul_tflops(device: torch.device, precision: str, size: int = 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     with matmul_precision(precision):
-        best = _best_ms(lambda: a @ b, device, reps)
+        best = _best_ms(lambda: a @ b, device, reps, clean_seconds)
     return 2.0 * size ** 3 / (best * 1e-3) / 1e12
 
 
@@ -362,12 +364,13 @@ def measure_ceilings(device: torch.device, precisions: Sequence[str] = PRECISION
     else:
         mbytes, size = (32, 512) if quick else (256, 2048)
     reps = 3 if quick else 10
-    copy = measure_copy_gbps(device, mbytes, reps)
+    clean_seconds = 1.0 if quick else 20.0
+    copy = measure_copy_gbps(device, mbytes, reps, clean_seconds)
     rates = {}
     for precision in precisions:
         if precision == "tf32" and device.type != "cuda":
             continue
-        rates[precision] = measure_matmul_tflops(device, precision, size, reps)
+        rates[precision] = measure_matmul_tflops(device, precision, size, reps, clean_seconds)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Ceilings(device=device_name(device), copy_gbps=copy, tflops=rates)

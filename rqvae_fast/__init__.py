@@ -1,23 +1,41 @@
 """rqvae-fast: fused residual vector quantization for semantic IDs.
 
-Public API: :class:`ResidualVQ`, :class:`VQEmbedding`, :class:`VQEmbeddingEMA` (drop-ins for the seed
-document's modules), :func:`rqvae_fast.functional.residual_quantize`, and the reference oracle in
-:mod:`rqvae_fast.reference`. Imports and runs without Triton (PyTorch path).
+Quantizer: :class:`ResidualVQ`, :class:`VQEmbedding`, :class:`VQEmbeddingEMA` (drop-ins for the
+seed document's modules), :func:`residual_quantize` (functional), the reference oracle in
+:mod:`rqvae_fast.reference`, vector-quantize-pytorch's API in :mod:`rqvae_fast.compat`.
+Pipeline: :class:`RQVAE`, :class:`Trainer`, :class:`RQKMeans`, :class:`SemanticIDIndex`.
+Imports and runs without Triton (PyTorch path).
 """
 from ._triton_available import HAS_TRITON
 from .functional import ema_update_, residual_quantize
+from .kmeans import RQKMeans, fused_kmeans, kmeans, residual_kmeans
+from .model import RQVAE, RQDecoder, RQEncoder
 from .modules import ResidualVQ, VQEmbedding, VQEmbeddingEMA
 from .result import QuantizeResult
+from .semantic_ids import SemanticIDIndex, add_dedup_position, token_strings
+from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HAS_TRITON",
     "QuantizeResult",
+    "RQDecoder",
+    "RQEncoder",
+    "RQKMeans",
+    "RQVAE",
     "ResidualVQ",
+    "SemanticIDIndex",
+    "TrainConfig",
+    "Trainer",
     "VQEmbedding",
     "VQEmbeddingEMA",
+    "add_dedup_position",
     "ema_update_",
+    "fused_kmeans",
+    "kmeans",
+    "residual_kmeans",
     "residual_quantize",
+    "token_strings",
     "__version__",
 ]

@@ -90,8 +90,7 @@ def _deterministic_setting() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-_deterministic_setting = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)(
-    _deterministic_setting)
+_deterministic_setting._dynamo_marked_constant = True  # see rqvae_fast.precision
 
 
 def _deterministic_enabled(deterministic: Optional[bool]) -> bool:

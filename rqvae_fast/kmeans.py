@@ -210,16 +210,7 @@ def load_codebooks(vq: ResidualVQ, results: Sequence[KMeansResult]) -> None:
     if len(results) != len(vq.vq_layers):
         raise ValueError(f"{len(results)} k-means results for {len(vq.vq_layers)} layers")
     for layer, fitted in zip(vq.vq_layers, results):
-        weight = layer.embeddings
-        if tuple(fitted.centroids.shape) != tuple(weight.shape):
-            raise ValueError(f"centroids {tuple(fitted.centroids.shape)} do not fit codebook "
-                             f"{tuple(weight.shape)}")
-        weight.data.copy_(fitted.centroids.to(weight))
-        if hasattr(layer, "ema_cluster_size"):
-            sizes = fitted.counts.to(layer.ema_cluster_size)
-            layer.ema_cluster_size.copy_(sizes)
-            layer.ema_dw.copy_(fitted.centroids.to(layer.ema_dw) * sizes[:, None])
-        layer.initialized_with_data = True
+        layer.load_centroids(fitted.centroids, fitted.counts)
 
 
 class RQKMeans(nn.Module):

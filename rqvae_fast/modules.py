@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -15,24 +14,6 @@ from . import distributed
 from .functional import ema_update_, residual_quantize
 from .routing import routing_id
 from .precision import resolve_precision
-
-
-def kmeans_centroids(data: torch.Tensor, num_codes: int, seed: Optional[int] = None):
-    """``(num_codes, D)`` fp32 centroids of ``data (N, D)`` and their ``(num_codes,)`` sizes.
-
-    As the seed: scikit-learn KMeans (``n_init='auto'``, 100 iterations); with fewer rows than codes,
-    rows drawn with replacement (each counted once).
-    """
-    from sklearn.cluster import KMeans
-
-    points = data.detach().float().cpu().numpy()
-    rng = np.random.default_rng(seed)
-    if points.shape[0] < num_codes:
-        picks = rng.choice(points.shape[0], num_codes, replace=True)
-        return torch.from_numpy(points[picks]), torch.ones(num_codes)
-    kmeans = KMeans(n_clusters=num_codes, n_init="auto", max_iter=100, random_state=seed).fit(points)
-    sizes = np.bincount(kmeans.labels_, minlength=num_codes).astype(np.float32)
-    return torch.from_numpy(kmeans.cluster_centers_.astype(np.float32)), torch.from_numpy(sizes)
 
 
 class VQEmbedding(nn.Module):
@@ -72,18 +53,27 @@ class VQEmbedding(nn.Module):
 
     @torch.no_grad()
     def _fit(self, data: torch.Tensor, seed: Optional[int]) -> None:
+        """k-means as the seed (scikit-learn) for small CPU samples, the fused k-means otherwise."""
         if self.initialized_with_data:
             return
-        centroids, sizes = kmeans_centroids(data, self.num_embeddings, seed)
-        self._load_centroids(centroids, sizes)
-        self.initialized_with_data = True
+        from .kmeans import kmeans  # kmeans builds on these modules
+
+        fitted = kmeans(data, self.num_embeddings, seed=seed, backend=self.backend,
+                        precision=self.precision)
+        self.load_centroids(fitted.centroids, fitted.counts)
 
     def codebook_state(self) -> List[torch.Tensor]:
         """The tensors that define this layer's codebook (what ranks must agree on)."""
         return [self.embeddings.data]
 
-    def _load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
+    @torch.no_grad()
+    def load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
+        """Use ``centroids (K, D)`` (of clusters of ``sizes (K,)`` rows) as the codebook."""
+        if tuple(centroids.shape) != tuple(self.embeddings.shape):
+            raise ValueError(f"centroids {tuple(centroids.shape)} do not fit codebook "
+                             f"{tuple(self.embeddings.shape)}")
         self.embeddings.data.copy_(centroids.to(self.embeddings))
+        self.initialized_with_data = True
 
     def quantize(self, inputs: torch.Tensor, commitment_cost: float, compute_stats: bool):
         """The full :class:`~rqvae_fast.result.QuantizeResult` of this one layer."""
@@ -120,9 +110,10 @@ class VQEmbeddingEMA(VQEmbedding):
         self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
         self.register_buffer("ema_dw", self.embeddings.detach().clone())
 
-    def _load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
+    @torch.no_grad()
+    def load_centroids(self, centroids: torch.Tensor, sizes: torch.Tensor) -> None:
         # Start the averages from the data that formed the centroids, so the first update is smooth.
-        super()._load_centroids(centroids, sizes)
+        super().load_centroids(centroids, sizes)
         self.ema_cluster_size.copy_(sizes.to(self.ema_cluster_size))
         self.ema_dw.copy_((centroids * sizes[:, None]).to(self.ema_dw))
 

@@ -22,10 +22,10 @@ def _torch_matmul_precision() -> str:
     return _FROM_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
 
 
-# torch.compile reads the global setting once at trace time instead of breaking the graph.
-_assume_constant = getattr(torch.compiler, "assume_constant_result", None) or getattr(
-    torch._dynamo, "assume_constant_result", lambda fn: fn)
-_torch_matmul_precision = _assume_constant(_torch_matmul_precision)
+# torch.compile reads the global setting once at trace time instead of breaking the graph. This is
+# exactly what torch.compiler.assume_constant_result does; the mark is set directly so that
+# importing rqvae_fast does not import torch._dynamo (a second of start-up).
+_torch_matmul_precision._dynamo_marked_constant = True
 
 
 def resolve_precision(precision: Optional[str]) -> str:

@@ -365,7 +365,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.4g}", beta=f"{beta:.3g}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", beta=f"{beta:.3g}")
         if bar is not None:
             bar.close()
         return (sums / max(1, len(batches))).tolist(), resets

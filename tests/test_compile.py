@@ -10,8 +10,7 @@ class Tiny(torch.nn.Module):
     def __init__(self, ema):
         super().__init__()
         self.encoder = torch.nn.Linear(12, 10)
-        self.rvq = ResidualVQ(3, [16, 9, 20], 10, ema=ema, grad_mode="full", backend="torch",
-                              precision="ieee")
+        self.rvq = ResidualVQ(3, [16, 9, 20], 10, ema=ema, grad_mode="full", backend="torch")
         self.decoder = torch.nn.Linear(10, 12)
 
     def forward(self, x):

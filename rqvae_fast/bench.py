@@ -201,11 +201,13 @@ def _release(device: torch.device) -> None:
 def run_matrix(shapes: Sequence[Shape], modes: Sequence[str], providers: Sequence[str],
                device: torch.device, precision: str, ceilings: Ceilings, *, backend: str = "auto",
                allow_interpreted: bool = False, reps: int = 5, max_seconds: float = 3.0,
-               skip: Iterable[str] = (), stat: str = "median", log=None) -> List[dict]:
+               skip: Iterable[str] = (), stat: str = "median", log=None,
+               rows: Optional[List[dict]] = None) -> List[dict]:
     """Measure every (shape, mode, provider); unavailable or failing ones get a row with ``skipped``
-    or ``error`` instead of numbers. ``skip`` holds ``provider:mode:shape`` glob patterns."""
+    or ``error`` instead of numbers. ``skip`` holds ``provider:mode:shape`` glob patterns. Rows are
+    appended to ``rows`` (when given) as they come, so an interrupted run keeps what it measured."""
     skip = list(skip)
-    rows: List[dict] = []
+    rows = [] if rows is None else rows
     total = len(shapes) * len(modes) * len(providers)
     count = 0
     if device.type == "cpu" and stat == "clean":
@@ -508,6 +510,28 @@ def plot_sweeps(sweeps: Sequence[dict], path: str) -> Optional[str]:
 # ----------------------------------------------------------------------------- CLI
 
 
+class _Stopped(Exception):
+    """Raised in the main thread on SIGTERM (e.g. from ``timeout``) to report partial results."""
+
+
+def _stop_on_sigterm():
+    import signal
+
+    def handler(signum, frame):
+        raise _Stopped()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:          # not the main thread
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _parse_shapes(items: Optional[Sequence[str]], device: torch.device, quick: bool) -> List[Shape]:
     if not items:
         names = (QUICK_SHAPES if quick else DEFAULT_SHAPES)[device.type]
@@ -615,20 +639,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f" | triton {meta['triton']} | commit {meta['commit']} | precision {precision}"
                   f" | ms = {stat}" + (" (median of undisturbed repetitions)" if stat == "clean"
                                          else " of repetitions")]
-    if not args.no_matrix:
-        report["rows"] = run_matrix(shapes, modes, providers, device, precision, ceilings,
-                                    backend=args.backend, allow_interpreted=args.allow_interpreted,
-                                    reps=reps, max_seconds=args.max_seconds, skip=args.skip,
-                                    stat=stat, log=log)
+    previous = _stop_on_sigterm()
+    try:
+        if not args.no_matrix:
+            run_matrix(shapes, modes, providers, device, precision, ceilings,
+                       backend=args.backend, allow_interpreted=args.allow_interpreted, reps=reps,
+                       max_seconds=args.max_seconds, skip=args.skip, stat=stat, log=log,
+                       rows=report["rows"])
+        axes = {"none": (), "n": ("n",), "k": ("k",), "both": ("n", "k")}[args.sweep]
+        for axis in axes:
+            sweep = run_sweep(axis, device, precision, ceilings, modes=_split(args.sweep_modes),
+                              providers=_split(args.sweep_providers), quick=args.quick,
+                              backend=args.backend, reps=reps, max_seconds=args.max_seconds,
+                              stat=stat, log=log)
+            report["sweeps"].append(sweep)
+    except _Stopped:
+        meta["interrupted"] = True
+        log("interrupted (SIGTERM): reporting what was measured")
+        add_speedups(report["rows"])
+    finally:
+        _restore_sigterm(previous)
+    if report["rows"]:
         text_parts.append(format_table(report["rows"]))
-    axes = {"none": (), "n": ("n",), "k": ("k",), "both": ("n", "k")}[args.sweep]
-    for axis in axes:
-        sweep = run_sweep(axis, device, precision, ceilings, modes=_split(args.sweep_modes),
-                          providers=_split(args.sweep_providers), quick=args.quick,
-                          backend=args.backend, reps=reps, max_seconds=args.max_seconds,
-                          stat=stat, log=log)
-        report["sweeps"].append(sweep)
+    for sweep in report["sweeps"]:
         text_parts.append(format_sweep(sweep))
+    if meta.get("interrupted"):
+        text_parts.append("INTERRUPTED: the run was stopped before it finished")
     if args.plot and report["sweeps"]:
         if plot_sweeps(report["sweeps"], args.plot):
             text_parts.append(f"plot: {args.plot}")

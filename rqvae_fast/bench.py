@@ -428,13 +428,24 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 def run_sweep(axis: str, device: torch.device, precision: str, ceilings: Ceilings, *,
               modes: Sequence[str], providers: Sequence[str], quick: bool, backend: str,
-              reps: int, max_seconds: float, stat: str = "median", log=None) -> dict:
+              reps: int, max_seconds: float, stat: str = "median", log=None,
+              into: Optional[dict] = None) -> dict:
     """Time and memory over an N or K sweep; exponents fitted over the upper half of the sweep
     (where the device is saturated), so ``time ~ (N K)^1`` and ``memory ~ N^1, K^0`` show up as
-    slopes near 1, 1 and 0."""
+    slopes near 1, 1 and 0. Fills ``into`` (when given) as it goes."""
+    sweep = {"axis": axis, "rows": [], "fits": []} if into is None else into
+    sweep.update(axis=axis, fits=[])
+    sweep.setdefault("rows", [])
     shapes = sweep_shapes(device, axis, quick)
-    rows = run_matrix(shapes, modes, providers, device, precision, ceilings, backend=backend,
-                      reps=reps, max_seconds=max_seconds, stat=stat, log=log)
+    run_matrix(shapes, modes, providers, device, precision, ceilings, backend=backend, reps=reps,
+               max_seconds=max_seconds, stat=stat, log=log, rows=sweep["rows"])
+    fit_sweep(sweep, modes, providers)
+    return sweep
+
+
+def fit_sweep(sweep: dict, modes: Sequence[str], providers: Sequence[str]) -> None:
+    """(Re)compute ``sweep["fits"]`` from its rows."""
+    axis, rows = sweep["axis"], sweep["rows"]
     fits = []
     for provider in providers:
         for mode in modes:
@@ -447,7 +458,7 @@ def run_sweep(axis: str, device: torch.device, precision: str, ceilings: Ceiling
                 "memory_exponent": fit_exponent(var, [max(r["peak_extra_mib"], 1e-9)
                                                       for r in upper]),
             })
-    return {"axis": axis, "rows": rows, "fits": fits}
+    sweep["fits"] = fits
 
 
 def format_sweep(sweep: dict) -> str:
@@ -639,6 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f" | triton {meta['triton']} | commit {meta['commit']} | precision {precision}"
                   f" | ms = {stat}" + (" (median of undisturbed repetitions)" if stat == "clean"
                                          else " of repetitions")]
+    sweep_modes, sweep_providers = _split(args.sweep_modes), _split(args.sweep_providers)
     previous = _stop_on_sigterm()
     try:
         if not args.no_matrix:
@@ -648,15 +660,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        rows=report["rows"])
         axes = {"none": (), "n": ("n",), "k": ("k",), "both": ("n", "k")}[args.sweep]
         for axis in axes:
-            sweep = run_sweep(axis, device, precision, ceilings, modes=_split(args.sweep_modes),
-                              providers=_split(args.sweep_providers), quick=args.quick,
-                              backend=args.backend, reps=reps, max_seconds=args.max_seconds,
-                              stat=stat, log=log)
-            report["sweeps"].append(sweep)
+            report["sweeps"].append({"axis": axis, "rows": [], "fits": []})
+            run_sweep(axis, device, precision, ceilings, modes=sweep_modes,
+                      providers=sweep_providers, quick=args.quick, backend=args.backend,
+                      reps=reps, max_seconds=args.max_seconds, stat=stat, log=log,
+                      into=report["sweeps"][-1])
     except _Stopped:
         meta["interrupted"] = True
         log("interrupted (SIGTERM): reporting what was measured")
         add_speedups(report["rows"])
+        for sweep in report["sweeps"]:
+            add_speedups(sweep["rows"])
+            fit_sweep(sweep, sweep_modes, sweep_providers)
     finally:
         _restore_sigterm(previous)
     if report["rows"]:

@@ -1,7 +1,8 @@
 """The PyTorch implementation of the fused forward and input gradient (CPU, or no Triton).
 
 Same contract, outputs and arithmetic as ``rqvae_fast.kernels``: rows are processed in chunks so the
-``(chunk, K_l)`` score matrix stays cache-sized and memory does not grow with N beyond the outputs.
+``(chunk, K_l)`` score matrix stays cache-sized (about ``SCORES_PER_CHUNK`` entries) and memory does
+not grow with N beyond the outputs.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from .routing import FULL, SEED
 
-CHUNK_ROWS = 8192
+SCORES_PER_CHUNK = 1 << 19  # entries of one (rows, K_l) score matrix: 2 MiB of fp32, cache-sized
+MIN_CHUNK_ROWS = 256
 
 
 def first_copy_index(codebook: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ def residual_quantize_forward(
     """See :func:`rqvae_fast.kernels.residual_quantize_forward` (same inputs and outputs)."""
     n, dim = x.shape
     num_layers = len(layer_sizes)
-    chunk_rows = chunk_rows or CHUNK_ROWS
+    chunk_rows = chunk_rows or max(MIN_CHUNK_ROWS, SCORES_PER_CHUNK // max(layer_sizes))
     codes32 = codes.float()
     codebooks = codes32.split(list(layer_sizes))
     norms = sq_norms.split(list(layer_sizes))

@@ -25,7 +25,7 @@ def test_bf16_precision(poison):
 
 
 def test_scores_are_computed_in_bounded_chunks(monkeypatch):
-    """No (N, K) score matrix: every matmul sees at most CHUNK_ROWS rows, whatever N is."""
+    """No (N, K) score matrix: every matmul sees a bounded number of rows, whatever N is."""
     seen = []
     real_addmm = torch.addmm
 
@@ -34,7 +34,8 @@ def test_scores_are_computed_in_bounded_chunks(monkeypatch):
         return real_addmm(bias, a, b, **kw)
 
     monkeypatch.setattr(torch, "addmm", spy)
-    monkeypatch.setattr(torch_backend, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(torch_backend, "SCORES_PER_CHUNK", 64 * 16)
+    monkeypatch.setattr(torch_backend, "MIN_CHUNK_ROWS", 1)
     x, books = make_problem(1000, 8, (16, 16), seed=1)
     out = residual_quantize(x, books, backend="torch", precision="ieee")
     assert seen and max(seen) <= 64

@@ -3,6 +3,8 @@
     rqvae-fast fit                       # demo: synthetic 50k x 768 catalogue, reports prefix purity
     rqvae-fast fit items.npy --out runs/items
     rqvae-fast encode runs/items/checkpoint.pt items.npy --out runs/items_ids
+    torchrun --nproc-per-node 8 -m rqvae_fast encode CKPT items.npy --out DIR  # one shard per rank
+    rqvae-fast merge DIR                 # global dedup of the shards: same outputs as one process
     rqvae-fast stats runs/items/codes.npy
     rqvae-fast bench ...
 
@@ -200,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_input_options(enc)
     enc.set_defaults(func=cmd_encode)
+
+    # ---- merge ----
+    merge = commands.add_parser(
+        "merge", formatter_class=_Formatter, help="join the shards of a multi-process 'encode'",
+        description="Under torchrun (WORLD_SIZE > 1) each 'encode' rank writes only its contiguous "
+                    "share of the rows to DIR/shards/. Once all ranks have finished, 'merge' joins "
+                    "the shards in rank order, applies the disambiguation position over the whole "
+                    "catalogue and writes DIR/codes.npy, DIR/ids.<format> and DIR/summary.json, "
+                    "identical to a single-process 'encode'.")
+    merge.add_argument("dir", type=Path, metavar="DIR", help="the --out folder given to 'encode'")
+    merge.add_argument("--format", choices=("csv", "jsonl", "parquet"),
+                       help="format of the ID table (default: the one given to 'encode')")
+    merge.set_defaults(func=cmd_merge)
 
     # ---- stats ----
     stats = commands.add_parser(
@@ -408,24 +423,75 @@ def _json_default(value):
     raise TypeError(type(value).__name__)
 
 
+def _rank_and_world() -> tuple:
+    """``(rank, world size)`` of this process: the default process group's if one is initialised,
+    else torchrun's ``RANK`` / ``WORLD_SIZE`` environment, else ``(0, 1)``."""
+    import os
+
+    from . import distributed
+
+    if distributed.world_size() > 1:
+        return distributed.rank(), distributed.world_size()
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise UserError("RANK / WORLD_SIZE in the environment are not integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK {rank} / WORLD_SIZE {world} in the environment are inconsistent")
+    return rank, world
+
+
+def _encode_device(name: str, world: int) -> torch.device:
+    """``--device auto`` under torchrun: this process's GPU (``LOCAL_RANK``)."""
+    import os
+
+    from .trainer import resolve_device
+
+    device = resolve_device(name)
+    if name == "auto" and world > 1 and device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    return device
+
+
+def _encode_summary(items: int, checkpoint, data, dropped_rows: Sequence[int]) -> dict:
+    return {"items": int(items), "checkpoint": str(checkpoint), "data": str(data),
+            "dropped_rows": list(dropped_rows)[:1000]}
+
+
 def cmd_encode(args) -> int:
     from .checkpoint import load_model
-    from .semantic_ids import encode_source
-    from .trainer import resolve_device
+    from .semantic_ids import encode_source, shard_rows, write_shard
 
     started = time.perf_counter()
     out_dir = _output_folder(args.out or Path("runs") / f"{Path(args.data).stem}_ids")
-    device = resolve_device(args.device)
+    rank, world = _rank_and_world()
+    device = _encode_device(args.device, world)
     model = load_model(args.checkpoint, device=device)
     source = open_embeddings(args.data, args.column, args.id_column)
+    rows = shard_rows(source.num_rows, rank, world) if world > 1 else None
     encode_started = time.perf_counter()
     encoded = encode_source(model, source, batch_size=args.batch_size, device=device,
-                            drop_nonfinite=args.drop_nonfinite, progress=not args.no_progress)
+                            drop_nonfinite=args.drop_nonfinite,
+                            progress=not args.no_progress and rank == 0, rows=rows)
     encode_seconds = time.perf_counter() - encode_started
+    if world > 1:  # one shard per rank; 'merge' dedups globally and writes the outputs
+        if encoded.dropped_rows:
+            _say(f"rank {rank}: " + _skipped(encoded.dropped_rows))
+        meta = {"rows": list(rows), "num_rows": source.num_rows, "checkpoint": str(args.checkpoint),
+                "data": str(args.data), "format": args.format, "no_dedup": args.no_dedup,
+                "codebook_sizes": list(model.codebook_sizes)}
+        written = write_shard(out_dir / "shards", rank, world, encoded, meta)
+        items = encoded.codes.shape[0]
+        _say(f"rank {rank} of {world}: encoded rows [{rows[0]}, {rows[1]}) ({items} items) on "
+             f"{device} in {encode_seconds:.1f} s; wrote {written[0]}; when all {world} ranks are "
+             f"done: {PROG} merge {out_dir}")
+        return 0
     if encoded.dropped_rows:
         _say(_skipped(encoded.dropped_rows))
-    summary = {"items": int(encoded.codes.shape[0]), "checkpoint": str(args.checkpoint),
-               "data": str(args.data), "dropped_rows": encoded.dropped_rows[:1000]}
+    summary = _encode_summary(encoded.codes.shape[0], args.checkpoint, args.data,
+                              encoded.dropped_rows)
     lines = _id_report(encoded.codes, model.codebook_sizes, summary)
     final = encoded.codes if args.no_dedup else _with_dedup(encoded.codes)
     written = _write_outputs(out_dir, final, encoded.item_ids, args.format, summary)
@@ -436,6 +502,30 @@ def cmd_encode(args) -> int:
          f"({items / max(encode_seconds, 1e-9):,.0f} items/s); wrote "
          + ", ".join(str(p) for p in written)
          + f"; done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .semantic_ids import read_shards
+
+    started = time.perf_counter()
+    out_dir = _output_folder(args.dir)
+    codes, item_ids, metas = read_shards(out_dir / "shards")
+    first = metas[0]
+    dropped = [row for meta in metas for row in meta["dropped_rows"]]
+    if dropped:
+        _say(_skipped(dropped))
+    if codes.shape[0] == 0:
+        raise UserError(f"{first['data']}: every row holds NaN/Inf; nothing to encode")
+    summary = _encode_summary(codes.shape[0], first["checkpoint"], first["data"], dropped)
+    lines = _id_report(codes, first["codebook_sizes"], summary)
+    final = codes if first.get("no_dedup") else _with_dedup(codes)
+    written = _write_outputs(out_dir, final, item_ids, args.format or first.get("format", "csv"),
+                             summary)
+    for line in lines:
+        _say(line)
+    _say(f"merged {len(metas)} shards ({codes.shape[0]} items); wrote "
+         + ", ".join(str(p) for p in written) + f"; done in {time.perf_counter() - started:.1f} s")
     return 0
 
 

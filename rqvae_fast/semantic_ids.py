@@ -82,17 +82,50 @@ def _prefetch(blocks: Iterable, depth: int = 2):
         raise failure[0]
 
 
-def _tensor_blocks(source: EmbeddingSource, batch_size: int, pin: bool):
-    """``(start, (b, D) float32 tensor)`` blocks, pinned for fast host-to-GPU copies if ``pin``."""
+def shard_rows(num_rows: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank`` of ``world_size``: contiguous splits of
+    ``ceil(num_rows / world_size)`` rows (the last ones may be shorter or empty)."""
+    per_rank = -(-num_rows // world_size)
+    return min(num_rows, rank * per_rank), min(num_rows, (rank + 1) * per_rank)
+
+
+def _range_blocks(source: EmbeddingSource, batch_size: int, lo: int, hi: int):
+    """``(start - lo, block)`` for the rows ``[lo, hi)`` of ``source``: arrays are sliced, streamed
+    formats skip the rows before ``lo`` and stop after ``hi``."""
+    if source.kind in ("npy", "pt"):
+        for start in range(lo, hi, batch_size):
+            block = source._array[start:min(hi, start + batch_size)]
+            if isinstance(block, torch.Tensor):
+                block = block.detach().to(torch.float32).numpy()
+            yield start - lo, np.array(block, dtype=np.float32, order="C", copy=True)
+        return
     for start, block in source.iter_blocks(batch_size):
+        stop = start + block.shape[0]
+        if stop <= lo:
+            continue
+        if start >= hi:
+            break
+        a, b = max(start, lo), min(stop, hi)
+        yield a - lo, np.ascontiguousarray(block[a - start:b - start])
+        if stop >= hi:
+            break
+
+
+def _tensor_blocks(blocks, pin: bool):
+    """``(start, (b, D) float32 tensor)`` blocks, pinned for fast host-to-GPU copies if ``pin``."""
+    for start, block in blocks:
         tensor = torch.from_numpy(block)
         yield start, (tensor.pin_memory() if pin else tensor)
 
 
 @torch.no_grad()
 def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, device=None,
-                  drop_nonfinite: bool = False, progress: bool = True) -> EncodedIDs:
+                  drop_nonfinite: bool = False, progress: bool = True,
+                  rows: Optional[Tuple[int, int]] = None) -> EncodedIDs:
     """Codes ``(M, L)`` int64 of every row of ``source``, reading ``batch_size`` rows at a time.
+
+    ``rows=(start, stop)`` encodes only those rows (one rank's shard, see :func:`shard_rows`);
+    item ids and dropped row numbers stay those of the whole file.
 
     ``model`` is an :class:`~rqvae_fast.RQVAE` or :class:`~rqvae_fast.kmeans.RQKMeans` (anything
     with ``input_dim``, ``codebook_sizes`` and ``get_semantic_ids``). Reading, conversion and
@@ -107,36 +140,45 @@ def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, de
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     num_layers = len(model.codebook_sizes)
-    codes = np.empty((source.num_rows, num_layers), dtype=np.int64)
+    lo, hi = (0, source.num_rows) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= lo <= hi <= source.num_rows:
+        raise ValueError(f"rows {rows} outside the {source.num_rows} rows of {source.path}")
+    codes = np.empty((hi - lo, num_layers), dtype=np.int64)
     bad: List[int] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=source.num_rows, desc="encoding", unit="item", unit_scale=True,
+        bar = tqdm(total=hi - lo, desc="encoding", unit="item", unit_scale=True,
                    dynamic_ncols=True, leave=False)
-    for start, block in _prefetch(_tensor_blocks(source, batch_size, device.type == "cuda")):
+    if rows is None:
+        blocks = source.iter_blocks(batch_size)
+    else:
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        blocks = _range_blocks(source, batch_size, lo, hi)
+    for start, block in _prefetch(_tensor_blocks(blocks, device.type == "cuda")):
         x = block.to(device, non_blocking=True)
         ids = model.get_semantic_ids(x)
         # NaN/Inf inputs (checked on the device) and latents the quantizer could not use (-1)
         unusable = ~torch.isfinite(x).all(dim=1) | (ids < 0).any(dim=1)
         codes[start:start + x.shape[0]] = ids.cpu().numpy()
-        rows = torch.nonzero(unusable).flatten().cpu().numpy()
-        bad.extend((rows + start).tolist())
+        flagged = torch.nonzero(unusable).flatten().cpu().numpy()
+        bad.extend((flagged + start + lo).tolist())
         if bar is not None:
             bar.update(x.shape[0])
     if bar is not None:
         bar.close()
     if bad and not drop_nonfinite:
         raise nonfinite_error(source.path, bad)
-    item_ids = source.item_ids if source.item_ids is not None else np.arange(source.num_rows)
+    item_ids = source.item_ids[lo:hi] if source.item_ids is not None else np.arange(lo, hi)
     if bad:
-        keep = np.ones(source.num_rows, dtype=bool)
-        keep[bad] = False
+        keep = np.ones(hi - lo, dtype=bool)
+        keep[np.asarray(bad) - lo] = False
         codes = codes[keep]
         item_ids = item_ids[keep] if isinstance(item_ids, np.ndarray) else \
             [item for item, k in zip(item_ids, keep) if k]
-        if codes.shape[0] == 0:
+        if codes.shape[0] == 0 and rows is None:  # a shard may be all NaN; the merge checks
             raise DataError(f"{source.path}: every row holds NaN/Inf; nothing to encode")
     return EncodedIDs(codes, item_ids, bad)
 
@@ -317,6 +359,112 @@ def read_table(path) -> Tuple[List[str], np.ndarray]:
     return ids, np.asarray(rows, dtype=np.int64)
 
 
+# ----------------------------------------------------------------------------------------------
+# Shards of a catalogue encoded by several ranks
+# ----------------------------------------------------------------------------------------------
+
+_SHARD_META = re.compile(r"meta\.rank(\d+)-of-(\d+)\.json$")
+
+
+def shard_paths(folder, rank: int, world_size: int, string_ids: bool = False) -> Dict[str, Path]:
+    """``codes``, ``items`` and ``meta`` paths of one rank's shard in ``folder``."""
+    folder, tag = Path(folder), f"rank{rank}-of-{world_size}"
+    return {"codes": folder / f"codes.{tag}.npy",
+            "items": folder / f"items.{tag}.{'json' if string_ids else 'npy'}",
+            "meta": folder / f"meta.{tag}.json"}
+
+
+def write_shard(folder, rank: int, world_size: int, encoded: EncodedIDs, meta: dict) -> List[Path]:
+    """Write one rank's raw codes (no dedup position), item ids and ``meta``, each atomically; the
+    meta file comes last and marks the shard complete."""
+    string_ids = not isinstance(encoded.item_ids, np.ndarray)
+    paths = shard_paths(folder, rank, world_size, string_ids)
+    write_codes(paths["codes"], encoded.codes)
+    if string_ids:
+        with atomic_output(paths["items"]) as tmp:
+            tmp.write_text(json.dumps([str(i) for i in encoded.item_ids]), encoding="utf-8")
+    else:
+        with atomic_output(paths["items"], suffix=".npy") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.asarray(encoded.item_ids, dtype=np.int64))
+    meta = dict(meta, rank=rank, world_size=world_size, items=int(encoded.codes.shape[0]),
+                positions=int(encoded.codes.shape[1]), dropped_rows=list(encoded.dropped_rows),
+                string_ids=string_ids)
+    with atomic_output(paths["meta"]) as tmp:
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
+    return [paths["codes"], paths["items"], paths["meta"]]
+
+
+def read_shards(folder) -> Tuple[np.ndarray, Sequence, List[dict]]:
+    """``(codes (N, L), item_ids, metas)`` of all ranks' shards in ``folder``, in rank order.
+
+    Raises a one-line :class:`UserError` when a shard is missing or the shards do not belong to
+    one run (different world sizes, widths, data or checkpoints, rows not contiguous).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (run 'encode' under torchrun first)")
+    worlds = sorted({int(m.group(2)) for m in map(_SHARD_META.match, (p.name for p in folder.iterdir()))
+                     if m})
+    if not worlds:
+        raise UserError(f"{folder}: holds no encode shards (meta.rank*-of-*.json)")
+    if len(worlds) > 1:
+        raise UserError(f"{folder}: shards of runs with different world sizes "
+                        f"({', '.join(map(str, worlds))}); delete the stale ones")
+    world = worlds[0]
+    metas: List[dict] = []
+    codes_parts: List[np.ndarray] = []
+    ids_parts: List = []
+    for r in range(world):
+        paths = shard_paths(folder, r, world)
+        if not paths["meta"].exists():
+            raise UserError(f"missing shard {paths['codes']} (rank {r} of {world} has not finished "
+                            f"encoding)")
+        try:
+            meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{paths['meta']}: unreadable shard metadata ({exc})") from None
+        paths = shard_paths(folder, r, world, bool(meta.get("string_ids")))
+        for key in ("codes", "items"):
+            if not paths[key].exists():
+                raise UserError(f"missing shard {paths[key]}")
+        try:
+            codes = np.load(paths["codes"], allow_pickle=False)
+            if meta.get("string_ids"):
+                ids = json.loads(paths["items"].read_text(encoding="utf-8"))
+            else:
+                ids = np.load(paths["items"], allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{paths['codes'].parent}: unreadable shard of rank {r} ({exc})") from None
+        first = metas[0] if metas else meta
+        if codes.ndim != 2 or codes.shape[0] != len(ids) or codes.shape[0] != meta.get("items"):
+            raise UserError(f"{paths['codes']}: {codes.shape} codes for {len(ids)} item ids; "
+                            f"a damaged shard, re-run rank {r}")
+        if codes.shape[1] != first["positions"]:
+            raise UserError(f"{paths['codes']}: {codes.shape[1]} codes per item, rank 0 has "
+                            f"{first['positions']}; shards of different runs")
+        for key in ("data", "checkpoint", "num_rows", "string_ids"):
+            if meta.get(key) != first.get(key):
+                raise UserError(f"{paths['meta']}: {key} {meta.get(key)!r} differs from rank 0's "
+                                f"{first.get(key)!r}; shards of different runs")
+        expected_start = metas[-1]["rows"][1] if metas else 0
+        if meta["rows"][0] != expected_start:
+            raise UserError(f"{paths['meta']}: starts at row {meta['rows'][0]}, expected "
+                            f"{expected_start}; shards of different runs")
+        metas.append(meta)
+        codes_parts.append(codes.astype(np.int64, copy=False))
+        ids_parts.append(ids)
+    if metas[-1]["rows"][1] != metas[0]["num_rows"]:
+        raise UserError(f"{folder}: shards cover {metas[-1]['rows'][1]} of "
+                        f"{metas[0]['num_rows']} rows; shards of different runs")
+    codes = np.concatenate(codes_parts, axis=0)
+    if metas[0].get("string_ids"):
+        item_ids: Sequence = [i for part in ids_parts for i in part]
+    else:
+        item_ids = np.concatenate(ids_parts).astype(np.int64, copy=False)
+    return codes, item_ids, metas
+
+
 class SemanticIDIndex:
     """Map semantic IDs back to items: ``index[(12, 7, 201, 0)]`` or ``index["<a_12>...<d_0>"]``.
 
@@ -380,10 +528,14 @@ __all__ = [
     "dedup_position",
     "encode_source",
     "parse_token_string",
+    "read_shards",
     "read_table",
+    "shard_paths",
+    "shard_rows",
     "table_format",
     "token_string",
     "token_strings",
     "write_codes",
+    "write_shard",
     "write_table",
 ]

@@ -8,7 +8,7 @@ Imports and runs without Triton (PyTorch path).
 """
 from ._triton_available import HAS_TRITON
 from .functional import ema_update_, residual_quantize
-from .kmeans import RQKMeans, fused_kmeans, kmeans, residual_kmeans
+from .kmeans import RQKMeans, fused_kmeans, residual_kmeans
 from .model import RQVAE, RQDecoder, RQEncoder
 from .modules import ResidualVQ, VQEmbedding, VQEmbeddingEMA
 from .result import QuantizeResult
@@ -33,7 +33,6 @@ __all__ = [
     "add_dedup_position",
     "ema_update_",
     "fused_kmeans",
-    "kmeans",
     "residual_kmeans",
     "residual_quantize",
     "token_strings",

@@ -1,5 +1,8 @@
-"""Shared test helpers: problem generation, one forward+backward step, tie-aware parity checks."""
+"""Shared test helpers: problem generation, one forward+backward step, tie-aware parity checks,
+and running the command line."""
 from __future__ import annotations
+
+import re
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -110,3 +113,21 @@ def check_parity(step: Step, x, books, *, commitment_cost, grad_mode="seed", cod
             continue
         assert mine is not None
         torch.testing.assert_close(mine.float(), theirs.float(), atol=1e-5, rtol=1e-4)
+
+
+def run_cli(capsys, *argv):
+    """Run ``rqvae-fast ARGV`` in-process: ``(exit code, stdout, stderr)``."""
+    from rqvae_fast.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, pattern):
+    """A user mistake: exit 2 and one line ``rqvae-fast: error: ...`` matching ``pattern``."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rqvae-fast: error: "), err
+    assert "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]

@@ -10,35 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_user_error, run_cli
 from rqvae_fast.cli import main
 from rqvae_fast.synthetic import make_catalogue
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = ["--hidden-dims", "16", "--latent-dim", "4", "--layers", "2", "--codebook-size", "8",
          "--epochs", "1", "--batch-size", "64", "--no-progress"]
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_user_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rqvae-fast: error: "), err
-    assert "Traceback" not in err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def _no_outputs(folder):
@@ -57,7 +38,7 @@ def small_npy(tmp_path):
 
 def test_demo_fit_then_encode_then_stats(tmp_path, capsys):
     out = tmp_path / "demo"
-    code, text, err = _run(capsys, "fit", "--num-items", 3000, "--epochs", 2, "--out", out,
+    code, text, err = run_cli(capsys, "fit", "--num-items", 3000, "--epochs", 2, "--out", out,
                            "--no-progress")
     assert code == 0, err
     for name in ("checkpoint.pt", "codes.npy", "ids.csv", "summary.json", "log.csv", "log.json"):
@@ -82,20 +63,20 @@ def test_demo_fit_then_encode_then_stats(tmp_path, capsys):
     # encode the same catalogue from a file: the same IDs
     items = tmp_path / "catalogue.npy"
     np.save(items, make_catalogue(3000, 768, seed=0).embeddings.numpy())
-    code, text, err = _run(capsys, "encode", out / "checkpoint.pt", items, "--out", tmp_path / "enc",
+    code, text, err = run_cli(capsys, "encode", out / "checkpoint.pt", items, "--out", tmp_path / "enc",
                            "--batch-size", 1000, "--no-progress", "--format", "jsonl")
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "enc" / "codes.npy"), codes)
     first = json.loads((tmp_path / "enc" / "ids.jsonl").read_text().splitlines()[0])
     assert first["semantic_id"] == rows[0]["semantic_id"]
 
-    code, text, err = _run(capsys, "stats", out / "codes.npy", "--json")
+    code, text, err = run_cli(capsys, "stats", out / "codes.npy", "--json")
     assert code == 0, err
     stats = json.loads(text)
     assert stats["items"] == 3000 and stats["collisions"]["collision_rate"] == 0.0
-    code, text, err = _run(capsys, "stats", out / "ids.csv")
+    code, text, err = run_cli(capsys, "stats", out / "ids.csv")
     assert code == 0 and "3000 distinct" in text
-    code, text, err = _run(capsys, "stats", out / "checkpoint.pt")
+    code, text, err = run_cli(capsys, "stats", out / "checkpoint.pt")
     assert code == 0 and "epochs done: 2" in text and "latent_dim=32" in text
 
 
@@ -103,11 +84,11 @@ def test_demo_fit_then_encode_then_stats(tmp_path, capsys):
 
 def test_fit_on_a_file_with_rqkmeans(tmp_path, small_npy, capsys):
     out = tmp_path / "km"
-    code, text, err = _run(capsys, "fit", small_npy, "--method", "rqkmeans", "--layers", 2,
+    code, text, err = run_cli(capsys, "fit", small_npy, "--method", "rqkmeans", "--layers", 2,
                            "--codebook-size", "4,8", "--out", out)
     assert code == 0, err
     assert np.load(out / "codes.npy").shape == (300, 3)
-    code, _, err = _run(capsys, "encode", out / "checkpoint.pt", small_npy, "--out", tmp_path / "e",
+    code, _, err = run_cli(capsys, "encode", out / "checkpoint.pt", small_npy, "--out", tmp_path / "e",
                         "--no-progress", "--no-dedup")
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "e" / "codes.npy"),
@@ -119,10 +100,10 @@ def test_fit_drops_nonfinite_rows_on_request(tmp_path, small_npy, capsys):
     data[[4, 250]] = np.nan
     np.save(small_npy, data)
     out = tmp_path / "run"
-    code, _, err = _run(capsys, "fit", small_npy, "--out", out, *SMALL)
-    _assert_user_error(code, err, r"rows 4, 250 .*--drop-nonfinite")
+    code, _, err = run_cli(capsys, "fit", small_npy, "--out", out, *SMALL)
+    assert_user_error(code, err, r"rows 4, 250 .*--drop-nonfinite")
     assert _no_outputs(out)
-    code, text, err = _run(capsys, "fit", small_npy, "--out", out, "--drop-nonfinite", *SMALL)
+    code, text, err = run_cli(capsys, "fit", small_npy, "--out", out, "--drop-nonfinite", *SMALL)
     assert code == 0, err
     assert "skipped rows 4, 250 (2 rows)" in text
     ids = [row["item_id"] for row in csv.DictReader(open(out / "ids.csv"))]
@@ -135,13 +116,13 @@ def test_csv_with_item_ids_and_a_bad_row(tmp_path, small_npy, capsys):
     lines = ["sku," + ",".join(f"f{i}" for i in range(16))]
     lines += [f"sku-{i}," + ",".join(repr(float(v)) for v in row) for i, row in enumerate(data)]
     (tmp_path / "items.csv").write_text("\n".join(lines) + "\n")
-    assert _run(capsys, "fit", small_npy, "--out", tmp_path / "run", *SMALL)[0] == 0
+    assert run_cli(capsys, "fit", small_npy, "--out", tmp_path / "run", *SMALL)[0] == 0
     encode = ["encode", tmp_path / "run" / "checkpoint.pt", tmp_path / "items.csv", "--id-column",
               "sku", "--out", tmp_path / "ids", "--batch-size", 16, "--no-progress"]
-    code, _, err = _run(capsys, *encode)
-    _assert_user_error(code, err, r"row 7 \(1 row\)")
+    code, _, err = run_cli(capsys, *encode)
+    assert_user_error(code, err, r"row 7 \(1 row\)")
     assert _no_outputs(tmp_path / "ids")
-    code, text, err = _run(capsys, *encode, "--drop-nonfinite")
+    code, text, err = run_cli(capsys, *encode, "--drop-nonfinite")
     assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / "ids" / "ids.csv")))
     assert [r["item_id"] for r in rows] == [f"sku-{i}" for i in range(40) if i != 7]
@@ -157,67 +138,67 @@ def test_csv_with_item_ids_and_a_bad_row(tmp_path, small_npy, capsys):
 ])
 def test_fit_rejects_bad_arrays(tmp_path, capsys, array, pattern):
     np.save(tmp_path / "bad.npy", array)
-    code, _, err = _run(capsys, "fit", tmp_path / "bad.npy", "--out", tmp_path / "run", *SMALL)
-    _assert_user_error(code, err, pattern)
+    code, _, err = run_cli(capsys, "fit", tmp_path / "bad.npy", "--out", tmp_path / "run", *SMALL)
+    assert_user_error(code, err, pattern)
     assert _no_outputs(tmp_path / "run")
 
 
 def test_missing_and_unreadable_files(tmp_path, capsys):
-    code, _, err = _run(capsys, "fit", tmp_path / "nope.npy", "--out", tmp_path / "run")
-    _assert_user_error(code, err, "no such file")
-    code, _, err = _run(capsys, "encode", tmp_path / "nope.pt", tmp_path / "nope.npy")
-    _assert_user_error(code, err, "no such checkpoint")
+    code, _, err = run_cli(capsys, "fit", tmp_path / "nope.npy", "--out", tmp_path / "run")
+    assert_user_error(code, err, "no such file")
+    code, _, err = run_cli(capsys, "encode", tmp_path / "nope.pt", tmp_path / "nope.npy")
+    assert_user_error(code, err, "no such checkpoint")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     np.save(tmp_path / "x.npy", np.zeros((3, 4), dtype=np.float32))
-    code, _, err = _run(capsys, "encode", tmp_path / "junk.pt", tmp_path / "x.npy",
+    code, _, err = run_cli(capsys, "encode", tmp_path / "junk.pt", tmp_path / "x.npy",
                         "--out", tmp_path / "enc")
-    _assert_user_error(code, err, "truncated or not an rqvae-fast checkpoint")
+    assert_user_error(code, err, "truncated or not an rqvae-fast checkpoint")
     assert _no_outputs(tmp_path / "enc")
-    code, _, err = _run(capsys, "stats", tmp_path / "nope.npy")
-    _assert_user_error(code, err, "no such file")
+    code, _, err = run_cli(capsys, "stats", tmp_path / "nope.npy")
+    assert_user_error(code, err, "no such file")
     (tmp_path / "zero.npy").write_bytes(b"")
-    code, _, err = _run(capsys, "fit", tmp_path / "zero.npy", "--out", tmp_path / "run")
-    _assert_user_error(code, err, "not a readable .npy")
-    code, _, err = _run(capsys, "fit", tmp_path / "x.npy", "--out", tmp_path / "junk.pt")
-    _assert_user_error(code, err, "not a folder")
+    code, _, err = run_cli(capsys, "fit", tmp_path / "zero.npy", "--out", tmp_path / "run")
+    assert_user_error(code, err, "not a readable .npy")
+    code, _, err = run_cli(capsys, "fit", tmp_path / "x.npy", "--out", tmp_path / "junk.pt")
+    assert_user_error(code, err, "not a folder")
 
 
 def test_checkpoint_from_another_configuration(tmp_path, small_npy, capsys):
     out = tmp_path / "run"
-    code, _, err = _run(capsys, "fit", small_npy, "--out", out, *SMALL)
+    code, _, err = run_cli(capsys, "fit", small_npy, "--out", out, *SMALL)
     assert code == 0, err
     np.save(tmp_path / "wide.npy", np.zeros((10, 24), dtype=np.float32))
-    code, _, err = _run(capsys, "encode", out / "checkpoint.pt", tmp_path / "wide.npy",
+    code, _, err = run_cli(capsys, "encode", out / "checkpoint.pt", tmp_path / "wide.npy",
                         "--out", tmp_path / "enc", "--no-progress")
-    _assert_user_error(code, err, "24-d but the checkpoint's model expects 16-d")
+    assert_user_error(code, err, "24-d but the checkpoint's model expects 16-d")
     assert _no_outputs(tmp_path / "enc")
     before = (out / "checkpoint.pt").read_bytes()
-    code, _, err = _run(capsys, "fit", small_npy, "--out", out, "--resume",
+    code, _, err = run_cli(capsys, "fit", small_npy, "--out", out, "--resume",
                         *[a if a != "4" else "6" for a in SMALL])
-    _assert_user_error(code, err, "another configuration: latent_dim=4")
+    assert_user_error(code, err, "another configuration: latent_dim=4")
     assert (out / "checkpoint.pt").read_bytes() == before  # untouched
     (out / "cut.pt").write_bytes(before[: len(before) // 2])
-    code, _, err = _run(capsys, "encode", out / "cut.pt", small_npy, "--out", tmp_path / "enc")
-    _assert_user_error(code, err, "truncated")
+    code, _, err = run_cli(capsys, "encode", out / "cut.pt", small_npy, "--out", tmp_path / "enc")
+    assert_user_error(code, err, "truncated")
 
 
 def test_resume_continues_training(tmp_path, small_npy, capsys):
     out = tmp_path / "run"
     args = ["fit", small_npy, "--out", out, *SMALL]
-    assert _run(capsys, *args)[0] == 0
+    assert run_cli(capsys, *args)[0] == 0
     args[args.index("--epochs") + 1] = "2"
-    code, _, err = _run(capsys, *args, "--resume")
-    _assert_user_error(code, err, "epochs=1")  # other settings than the checkpoint's run
-    code, _, err = _run(capsys, "fit", small_npy, "--out", tmp_path / "fresh", "--resume", *SMALL)
-    _assert_user_error(code, err, "no checkpoint")
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert_user_error(code, err, "epochs=1")  # other settings than the checkpoint's run
+    code, _, err = run_cli(capsys, "fit", small_npy, "--out", tmp_path / "fresh", "--resume", *SMALL)
+    assert_user_error(code, err, "no checkpoint")
 
 
 def test_bad_option_values(tmp_path, small_npy, capsys):
-    code, _, err = _run(capsys, "fit", small_npy, "--layers", 3, "--codebook-size", "8,8",
+    code, _, err = run_cli(capsys, "fit", small_npy, "--layers", 3, "--codebook-size", "8,8",
                         "--out", tmp_path / "r")
-    _assert_user_error(code, err, "2 sizes for 3 layers")
-    code, _, err = _run(capsys, "fit", small_npy, "--hidden-dims", "16,x", "--out", tmp_path / "r")
-    _assert_user_error(code, err, "--hidden-dims")
+    assert_user_error(code, err, "2 sizes for 3 layers")
+    code, _, err = run_cli(capsys, "fit", small_npy, "--hidden-dims", "16,x", "--out", tmp_path / "r")
+    assert_user_error(code, err, "--hidden-dims")
     with pytest.raises(SystemExit) as info:
         main(["fit", "--epochs", "0"])
     assert info.value.code == 2

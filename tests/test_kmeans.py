@@ -11,13 +11,7 @@ from rqvae_fast.kmeans import (RQKMeans, fused_kmeans, kmeans, kmeans_plusplus, 
 from rqvae_fast.model import RQVAE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(k=6, per=50, d=5, spread=0.05, seed=0):

@@ -17,13 +17,7 @@ from rqvae_fast.semantic_ids import (SemanticIDIndex, add_dedup_position, dedup_
                                      token_strings, write_codes, write_table)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- disambiguation ------------------------------------------------------------------------------

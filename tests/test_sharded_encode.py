@@ -1,37 +1,17 @@
 """``encode`` split across ranks (torchrun's RANK / WORLD_SIZE) + ``merge`` == one-process ``encode``."""
 import csv
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 
-from rqvae_fast.cli import main
+from helpers import assert_user_error, run_cli
 from rqvae_fast.semantic_ids import shard_rows
 from rqvae_fast.synthetic import make_catalogue
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_user_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rqvae-fast: error: "), err
-    assert "Traceback" not in err
-    assert re.search(pattern, lines[0]), lines[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -42,7 +22,7 @@ def catalogue(tmp_path, capsys):
     data[151:161] = data[140:150]
     path = tmp_path / "items.npy"
     np.save(path, data)
-    code, _, err = _run(capsys, "fit", path, "--method", "rqkmeans", "--layers", 2,
+    code, _, err = run_cli(capsys, "fit", path, "--method", "rqkmeans", "--layers", 2,
                         "--codebook-size", 4, "--kmeans-iters", 5, "--out", tmp_path / "model")
     assert code == 0, err
     return path, tmp_path / "model" / "checkpoint.pt"
@@ -52,7 +32,7 @@ def _sharded(monkeypatch, capsys, world, *argv):
     for rank in range(world):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        code, text, err = _run(capsys, "encode", *argv, "--no-progress")
+        code, text, err = run_cli(capsys, "encode", *argv, "--no-progress")
         assert code == 0, err
         assert f"rank {rank} of {world}" in text and "merge" in text
     monkeypatch.delenv("RANK")
@@ -69,7 +49,7 @@ def test_shard_rows_cover_the_file_once():
 
 def test_two_ranks_then_merge_equal_one_process(tmp_path, catalogue, monkeypatch, capsys):
     data, ckpt = catalogue
-    code, _, err = _run(capsys, "encode", ckpt, data, "--out", tmp_path / "single", "--no-progress")
+    code, _, err = run_cli(capsys, "encode", ckpt, data, "--out", tmp_path / "single", "--no-progress")
     assert code == 0, err
 
     out = tmp_path / "sharded"
@@ -84,7 +64,7 @@ def test_two_ranks_then_merge_equal_one_process(tmp_path, catalogue, monkeypatch
     # ... so the duplicates across the boundary still collide there
     np.testing.assert_array_equal(raw1[:10], raw0[140:150])
 
-    code, text, err = _run(capsys, "merge", out)
+    code, text, err = run_cli(capsys, "merge", out)
     assert code == 0, err
     assert "merged 2 shards (301 items)" in text
     single = np.load(tmp_path / "single" / "codes.npy")
@@ -104,23 +84,23 @@ def test_missing_or_mismatched_shards_are_one_line_errors(tmp_path, catalogue, m
     out = tmp_path / "ids"
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert _run(capsys, "encode", ckpt, data, "--out", out, "--no-progress")[0] == 0
+    assert run_cli(capsys, "encode", ckpt, data, "--out", out, "--no-progress")[0] == 0
     monkeypatch.setenv("RANK", "2")
-    assert _run(capsys, "encode", ckpt, data, "--out", out, "--no-progress")[0] == 0
+    assert run_cli(capsys, "encode", ckpt, data, "--out", out, "--no-progress")[0] == 0
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
-    code, _, err = _run(capsys, "merge", out)
-    _assert_user_error(code, err, r"missing shard .*codes\.rank1-of-3\.npy")
+    code, _, err = run_cli(capsys, "merge", out)
+    assert_user_error(code, err, r"missing shard .*codes\.rank1-of-3\.npy")
     assert sorted(p.name for p in out.iterdir()) == ["shards"]  # nothing half-written
 
     # a stale shard of another world size next to them
     (out / "shards" / "meta.rank0-of-2.json").write_text("{}")
-    code, _, err = _run(capsys, "merge", out)
-    _assert_user_error(code, err, r"different world sizes \(2, 3\)")
-    _assert_user_error(*_run(capsys, "merge", tmp_path / "nothing")[::2], "no such folder")
+    code, _, err = run_cli(capsys, "merge", out)
+    assert_user_error(code, err, r"different world sizes \(2, 3\)")
+    assert_user_error(*run_cli(capsys, "merge", tmp_path / "nothing")[::2], "no such folder")
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    _assert_user_error(*_run(capsys, "encode", ckpt, data, "--out", out)[::2], "RANK 5")
+    assert_user_error(*run_cli(capsys, "encode", ckpt, data, "--out", out)[::2], "RANK 5")
 
 
 def test_csv_with_id_column_sharded(tmp_path, catalogue, monkeypatch, capsys):
@@ -133,14 +113,14 @@ def test_csv_with_id_column_sharded(tmp_path, catalogue, monkeypatch, capsys):
     path.write_text("\n".join(lines) + "\n")
     common = ["--id-column", "sku", "--drop-nonfinite", "--batch-size", 7, "--format", "jsonl"]
 
-    code, _, err = _run(capsys, "encode", ckpt, path, "--out", tmp_path / "single", *common,
+    code, _, err = run_cli(capsys, "encode", ckpt, path, "--out", tmp_path / "single", *common,
                         "--no-progress")
     assert code == 0, err
     out = tmp_path / "sharded"
     _sharded(monkeypatch, capsys, 2, ckpt, path, "--out", out, *common)
     assert json.loads((out / "shards" / "items.rank1-of-2.json").read_text())[:2] == \
         ["sku-23", "sku-24"]
-    code, text, err = _run(capsys, "merge", out)
+    code, text, err = run_cli(capsys, "merge", out)
     assert code == 0, err
     assert "skipped row 30 (1 row)" in text
     single = (tmp_path / "single" / "ids.jsonl").read_text()
@@ -150,6 +130,6 @@ def test_csv_with_id_column_sharded(tmp_path, catalogue, monkeypatch, capsys):
     np.testing.assert_array_equal(np.load(out / "codes.npy"),
                                   np.load(tmp_path / "single" / "codes.npy"))
     # --format on merge overrides the one given to encode
-    assert _run(capsys, "merge", out, "--format", "csv")[0] == 0
+    assert run_cli(capsys, "merge", out, "--format", "csv")[0] == 0
     with open(out / "ids.csv") as handle:
         assert [r["item_id"] for r in csv.DictReader(handle)] == ids

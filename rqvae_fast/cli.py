@@ -47,34 +47,22 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _bounded(cast, accept, expected: str):
+    """An argparse type: ``cast`` the text, then require ``accept(value)``; else 'expected ...'."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+_positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
+_fraction = _bounded(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:

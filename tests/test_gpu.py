@@ -129,3 +129,21 @@ def test_compiled_module_on_gpu_equals_eager(ema):
     torch.testing.assert_close(loss_c, loss_e, atol=1e-3, rtol=1e-3)
     grad_e = eager["enc"].weight.grad
     torch.testing.assert_close(compiled["enc"].weight.grad, grad_e, atol=1e-3, rtol=1e-2)
+
+
+def test_more_than_2_pow_31_elements():
+    """N * D > 2^31: int64 offsets; the last rows must be quantized like the first."""
+    n, dim = 2**26 + 1_000, 32  # 2.15e9 elements, 4.3 GB in bf16
+    books = [torch.randn(256, dim, device="cuda") * 0.5**layer for layer in range(2)]
+    x = torch.empty(n, dim, device="cuda", dtype=torch.bfloat16)
+    head = torch.randn(4096, dim, device="cuda")
+    x[:4096] = head.bfloat16()
+    x[-4096:] = head.bfloat16()
+    with torch.no_grad():
+        out = residual_quantize(x, books, backend="triton", precision="ieee")
+    assert torch.equal(out.indices[:4096], out.indices[-4096:])
+    assert torch.equal(out.quantized[:4096], out.quantized[-4096:])
+    ref = residual_quantize(x[-4096:], books, backend="torch", precision="ieee")
+    assert (ref.indices == out.indices[-4096:]).float().mean() > 0.999
+    del x, out
+    torch.cuda.empty_cache()

@@ -102,6 +102,40 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, catalogue):
         torch.testing.assert_close(resumed.state_dict()[key], value)
 
 
+def test_crash_mid_epoch_resumes_to_the_same_final_codebooks(tmp_path, catalogue, monkeypatch):
+    """Fault injection: the process dies in the middle of epoch 3 (an optimizer step raises); a
+    fresh process resumes from the last checkpoint and ends exactly where an uninterrupted run does."""
+    straight = _model()
+    Trainer(straight, _config(epochs=4), log=_quiet).fit(catalogue.embeddings)
+
+    class Crash(Exception):
+        pass
+
+    steps_per_epoch = -(-int(len(catalogue.embeddings) * 0.95) // 128)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * steps_per_epoch + 2:  # two steps into epoch 3
+            raise Crash
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(Crash):
+        Trainer(_model(), _config(epochs=4), out_dir=tmp_path, log=_quiet).fit(catalogue.embeddings)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["trainer"]["epoch"] == 2
+
+    resumed = _model(seed=321)
+    Trainer(resumed, _config(epochs=4), out_dir=tmp_path, log=_quiet).fit(
+        catalogue.embeddings, resume_from=tmp_path / "checkpoint.pt")
+    for layer_a, layer_b in zip(straight.vq.vq_layers, resumed.vq.vq_layers):
+        torch.testing.assert_close(layer_b.embeddings, layer_a.embeddings)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
+
+
 def test_resume_refuses_other_configuration_settings_or_data(tmp_path, catalogue):
     Trainer(_model(), _config(epochs=1), out_dir=tmp_path, log=_quiet).fit(catalogue.embeddings)
     ckpt = tmp_path / "checkpoint.pt"

@@ -251,19 +251,25 @@ def weighted_loss(pair, step, sizes):
     return sum(p["losses"][step] * n for p, n in zip(pair, sizes)) / sum(sizes)
 
 
+def assert_ranks_match_one_process(pair, single, steps):
+    """Both ranks hold identical state, equal to one process on the concatenated batches, with the
+    same global-batch losses and indices at every step."""
+    assert_states(pair[1]["state"], pair[0]["state"], exact=True)
+    assert_states(pair[0]["state"], single["state"])
+    for step, sizes in enumerate(steps):
+        torch.testing.assert_close(weighted_loss(pair, step, sizes), single["losses"][step],
+                                   atol=ATOL, rtol=RTOL)
+        assert torch.equal(torch.cat([p["indices"][step] for p in pair]), single["indices"][step])
+
+
 # ---------------------------------------------------------------------------------------------
 # (a) EMA, equal halves: same as one process; ONE all-reduce per step
 
 
 def test_ema_two_ranks_equal_one_process_with_one_all_reduce_per_step(ranks):
     pair = ranks("ema_equal")
-    single = run_ema(None, None, "dropin", EQUAL)
-    assert_states(pair[1]["state"], pair[0]["state"], exact=True)
-    assert_states(pair[0]["state"], single["state"])
-    for step, sizes in enumerate(EQUAL):
-        torch.testing.assert_close(weighted_loss(pair, step, sizes), single["losses"][step],
-                                   atol=ATOL, rtol=RTOL)
-        assert torch.equal(torch.cat([p["indices"][step] for p in pair]), single["indices"][step])
+    assert_ranks_match_one_process(pair, run_ema(None, None, "dropin", EQUAL), EQUAL)
+    for step in range(len(EQUAL)):
         for p in pair:
             calls = p["calls"][step]
             assert calls["all_reduce"] == 1, calls
@@ -276,13 +282,8 @@ def test_ema_two_ranks_equal_one_process_with_one_all_reduce_per_step(ranks):
 @pytest.mark.parametrize("kind", ["dropin", "compat"])
 def test_unequal_and_empty_batches(ranks, kind):
     pair = ranks(f"ema_unequal_{kind}")
-    single = run_ema(None, None, kind, UNEQUAL)
-    assert_states(pair[1]["state"], pair[0]["state"], exact=True)
-    assert_states(pair[0]["state"], single["state"])
-    for step, sizes in enumerate(UNEQUAL):
-        torch.testing.assert_close(weighted_loss(pair, step, sizes), single["losses"][step],
-                                   atol=ATOL, rtol=RTOL)
-        assert torch.equal(torch.cat([p["indices"][step] for p in pair]), single["indices"][step])
+    assert_ranks_match_one_process(pair, run_ema(None, None, kind, UNEQUAL), UNEQUAL)
+    for step in range(len(UNEQUAL)):
         assert [p["calls"][step]["all_reduce"] for p in pair] == [1, 1]
 
 

@@ -163,13 +163,7 @@ def build_case(provider: str, mode: str, shape: Shape, device: torch.device | st
 
         module = SeedResidualVQ(shape.layers, [shape.k] * shape.layers, shape.d, COMMITMENT,
                                 ema=(mode == "ema"), decay=DECAY).to(device)
-        with torch.no_grad():
-            for layer, cb in zip(module.vq_layers, problem.codebooks):
-                layer.embeddings.copy_(cb)
-                if mode == "ema":
-                    layer.ema_dw.copy_(cb)
-                    layer.ema_cluster_size.fill_(1.0)
-        module.train(mode != "inference")
+        _load_codebooks(module, problem, mode)
         forward, params, label = module, _learned(module, mode), "eager"
     else:
         module = _vqp(shape, problem, mode, device)
@@ -207,6 +201,18 @@ def _raise_recompile_limit(limit: int = 64) -> None:
             break
 
 
+@torch.no_grad()
+def _load_codebooks(module, problem, mode) -> None:
+    """Give a seed-layout module (``vq_layers[i].embeddings``, EMA buffers) the problem's codebooks,
+    EMA statistics of one row per code, and the mode's train/eval setting."""
+    for layer, cb in zip(module.vq_layers, problem.codebooks):
+        layer.embeddings.copy_(cb)
+        if mode == "ema":
+            layer.ema_dw.copy_(cb)
+            layer.ema_cluster_size.fill_(1.0)
+    module.train(mode != "inference")
+
+
 def _ours(shape, problem, mode, precision, backend, device):
     from . import backend as backend_mod
     from .modules import ResidualVQ
@@ -214,13 +220,7 @@ def _ours(shape, problem, mode, precision, backend, device):
     module = ResidualVQ(shape.layers, [shape.k] * shape.layers, shape.d, COMMITMENT,
                         ema=(mode == "ema"), decay=DECAY, eps=EPS, precision=precision,
                         backend=backend).to(device)
-    with torch.no_grad():
-        for layer, cb in zip(module.vq_layers, problem.codebooks):
-            layer.embeddings.copy_(cb)
-            if mode == "ema":
-                layer.ema_dw.copy_(cb)
-                layer.ema_cluster_size.fill_(1.0)
-    module.train(mode != "inference")
+    _load_codebooks(module, problem, mode)
     try:
         used = "triton" if backend_mod.use_triton(backend, device) else "torch"
     except RuntimeError as err:

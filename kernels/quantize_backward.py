@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .config import tile_config
 from .tiles import row_tile
+from .traceable import traceable
 
 
 @triton.jit
@@ -73,7 +74,7 @@ def residual_quantize_input_grad(
     grad_x = torch.empty_like(x)
     if n > 0:
         grid = (triton.cdiv(n, cfg.block_m),)
-        _residual_quantize_input_grad_kernel[grid](
+        traceable(_residual_quantize_input_grad_kernel)[grid](
             grad_out if grad_out is not None else x, x, codes, layer_starts, indices, coef, grad_x,
             float(grad_out_scale), n, dim, NUM_LAYERS=indices.shape[1], COMMIT_LAYERS=commit_layers,
             HAS_GRAD_OUT=grad_out is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,

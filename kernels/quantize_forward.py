@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .config import tile_config
 from .tiles import row_tile
+from .traceable import traceable
 
 
 @triton.jit
@@ -155,7 +156,7 @@ def residual_quantize_forward(
     counts = torch.zeros(k_total if with_stats else 1, dtype=torch.int32, device=x.device)
     sums = torch.zeros((k_total, dim) if with_stats else (1, 1), dtype=torch.float32, device=x.device)
     if n > 0:
-        _residual_quantize_fwd_kernel[grid](
+        traceable(_residual_quantize_fwd_kernel)[grid](
             x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
             NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats,
             PRECISION=precision, BF16_AS_FP32=x.device.type == "cpu", BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,

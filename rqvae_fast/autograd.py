@@ -26,7 +26,7 @@ class ResidualQuantizeFunction(torch.autograd.Function):
                 commitment_cost: float, routing_mode: int, codebook_loss: bool, precision: str,
                 triton_path: bool, with_stats: bool, deterministic: bool):
         """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks)."""
-        quantized, indices, sse, counts, sums = backend.quantize_forward(
+        quantized, indices, sse, counts, sums = backend.fused_forward(
             x, codes, list(layer_sizes), routing_mode, precision, triton_path, with_stats,
             deterministic)
         n, dim = x.shape
@@ -53,7 +53,7 @@ class ResidualQuantizeFunction(torch.autograd.Function):
         grad_x = grad_codes = None
         if ctx.needs_input_grad[0]:
             coef = (grad_losses * (2.0 * ctx.commitment_cost * ctx.inv_count)).contiguous()
-            grad_x = backend.quantize_input_grad(
+            grad_x = backend.fused_input_grad(
                 grad_quantized.contiguous(), x, codes, list(layer_sizes), indices, coef,
                 ctx.triton_path, routing.commit_layers(ctx.routing_mode, num_layers),
                 routing.grad_out_scale(ctx.routing_mode, num_layers))

@@ -1,11 +1,16 @@
-"""The fused passes as ``torch.library`` custom ops, dispatching to Triton or to PyTorch.
+"""The fused passes as registered PyTorch ops, dispatching to Triton or to PyTorch.
 
-``rqvae_fast::quantize_forward`` and ``rqvae_fast::quantize_input_grad`` have fake (meta)
-implementations, so ``torch.compile`` (``fullgraph=True``) and ``torch.export`` trace through them
-without graph breaks; autograd is defined around them in :mod:`rqvae_fast.autograd`.
+Two ops carry the work: ``rqvae_fast::quantize_forward`` and ``rqvae_fast::quantize_input_grad``,
+``torch.library`` custom ops with fake (meta) implementations, so ``torch.compile``
+(``fullgraph=True``) and ``torch.export`` trace through them without graph breaks. Where torch has
+``torch.library.triton_op`` (2.6+), the Triton path is registered a second time with it
+(:mod:`rqvae_fast.triton_ops`): Inductor then sees the Triton kernels themselves, not an opaque
+call. :func:`fused_forward` and :func:`fused_input_grad` pick the op; autograd is defined around
+them in :mod:`rqvae_fast.autograd`. Both registrations run the same bodies below.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,7 +21,9 @@ from .sorted_stats import sorted_code_statistics
 from ._triton_available import HAS_TRITON, interpreter_enabled
 
 BACKENDS = ("auto", "triton", "torch")
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 _layer_starts: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
+_triton_ops_registered = False
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
@@ -37,24 +44,78 @@ def use_triton(backend: str, device: torch.device) -> bool:
     )
 
 
-def layer_starts(layer_sizes: Sequence[int], device: torch.device) -> Tensor:
-    """``(L + 1,)`` int32 offsets of each codebook in the stacked ``codes``, built once per device
-    (no host-to-device copy per step, so steps stay CUDA-graph capturable)."""
-    key = (tuple(int(s) for s in layer_sizes), device)
+def _tracing(t: Tensor) -> bool:
+    """True while ``t`` is a fake/functional tensor or a dispatch mode (tracing) is active."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return is_fake(t) or _get_current_dispatch_mode() is not None
+
+
+def layer_starts(layer_sizes: Sequence[int], like: Tensor) -> Tensor:
+    """``(L + 1,)`` int32 offsets of each codebook in the stacked ``codes``, on ``like``'s device.
+
+    Eager calls get one tensor per device, built once (no host-to-device copy per step, so steps
+    stay CUDA-graph capturable). While tracing, a fresh tensor becomes a graph constant instead,
+    so no fake tensor ever lands in the cache.
+    """
+    sizes = tuple(int(s) for s in layer_sizes)
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    if _tracing(like):
+        return torch.tensor(prefix, dtype=torch.int32, device=like.device)
+    key = (sizes, like.device)
     starts = _layer_starts.get(key)
     if starts is None:
-        prefix = [0]
-        for size in key[0]:
-            prefix.append(prefix[-1] + size)
-        starts = _layer_starts[key] = torch.tensor(prefix, dtype=torch.int32, device=device)
+        starts = _layer_starts[key] = torch.tensor(prefix, dtype=torch.int32, device=like.device)
     return starts
 
 
-@torch.library.custom_op("rqvae_fast::quantize_forward", mutates_args=())
-def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
-                     triton_path: bool, with_stats: bool, deterministic: bool
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward over all layers.
+def _use_triton_op(triton_path: bool) -> bool:
+    """The ``triton_op`` registration serves the Triton path where torch has it; the custom op
+    serves the rest. Triton's interpreter cannot be traced (its kernels would run on fake
+    tensors), so ``torch.compile`` under ``TRITON_INTERPRET=1`` keeps the opaque custom op.
+    ``RQVAE_FAST_TRITON_OP=0`` keeps it too (an escape hatch should a torch release's Inductor
+    mishandle user-defined Triton kernels)."""
+    if not (triton_path and HAS_TRITON_OP) or os.environ.get("RQVAE_FAST_TRITON_OP", "1") == "0":
+        return False
+    if interpreter_enabled() and torch.compiler.is_compiling():
+        return False
+    global _triton_ops_registered
+    if not _triton_ops_registered:
+        from . import triton_ops  # noqa: F401  (registers rqvae_fast::*_triton)
+
+        _triton_ops_registered = True
+    return True
+
+
+def fused_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
+                  triton_path: bool, with_stats: bool, deterministic: bool
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run the fused forward through the right registered op; see :func:`forward_body`."""
+    if _use_triton_op(triton_path):
+        return torch.ops.rqvae_fast.quantize_forward_triton(
+            x, codes, layer_sizes, routing, precision, with_stats, deterministic)
+    return quantize_forward(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
+                            deterministic)
+
+
+def fused_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
+                     indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
+                     grad_out_scale: float) -> Tensor:
+    """Run the input-gradient pass through the right registered op; see :func:`input_grad_body`."""
+    if _use_triton_op(triton_path):
+        return torch.ops.rqvae_fast.quantize_input_grad_triton(
+            grad_out, x, codes, layer_sizes, indices, coef, commit_layers, grad_out_scale)
+    return quantize_input_grad(grad_out, x, codes, layer_sizes, indices, coef, triton_path,
+                               commit_layers, grad_out_scale)
+
+
+def forward_body(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
+                 triton_path: bool, with_stats: bool, deterministic: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward over all layers (the body of both registrations).
 
     x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous. Returns ``quantized (N, D)`` (x's
     dtype), ``indices (N, L)`` int64, ``sse (L,)`` fp32 (sum of squared code errors per layer),
@@ -70,7 +131,7 @@ def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: 
 
             sorted_stats = with_stats and deterministic
             out = residual_quantize_forward(
-                x, codes, search_codes, sq_norms, layer_starts(layer_sizes, x.device), layer_sizes,
+                x, codes, search_codes, sq_norms, layer_starts(layer_sizes, x), layer_sizes,
                 routing=routing, precision=precision, with_stats=with_stats and not sorted_stats)
             if sorted_stats:
                 counts, sums = sorted_code_statistics(x, codes, layer_sizes, out[1], routing)
@@ -91,6 +152,15 @@ def search_operands(codes: Tensor) -> Tuple[Tensor, Tensor]:
             torch.where(usable, sq_norms, float("inf")))
 
 
+@torch.library.custom_op("rqvae_fast::quantize_forward", mutates_args=())
+def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
+                     triton_path: bool, with_stats: bool, deterministic: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused forward as an opaque custom op; see :func:`forward_body`."""
+    return forward_body(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
+                        deterministic)
+
+
 @quantize_forward.register_fake
 def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
                            deterministic):
@@ -105,11 +175,11 @@ def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_pat
     )
 
 
-@torch.library.custom_op("rqvae_fast::quantize_input_grad", mutates_args=())
-def quantize_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
-                        indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
-                        grad_out_scale: float) -> Tensor:
-    """``(N, D)`` input gradient rebuilt from the saved indices in one elementwise pass.
+def input_grad_body(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
+                    indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
+                    grad_out_scale: float) -> Tensor:
+    """``(N, D)`` input gradient rebuilt from the saved indices in one elementwise pass (the body
+    of both registrations).
 
     ``grad_out_scale * grad_out + sum_{l < commit_layers} coef[l] * (r_l - e_l)``; coef ``(L,)`` fp32.
     """
@@ -118,11 +188,20 @@ def quantize_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, la
             from .kernels import residual_quantize_input_grad
 
             return residual_quantize_input_grad(
-                grad_out, x, codes, layer_starts(layer_sizes, x.device), indices, coef,
+                grad_out, x, codes, layer_starts(layer_sizes, x), indices, coef,
                 commit_layers=commit_layers, grad_out_scale=grad_out_scale)
         return torch_backend.residual_quantize_input_grad(
             grad_out, x, codes, layer_sizes, indices, coef, commit_layers=commit_layers,
             grad_out_scale=grad_out_scale)
+
+
+@torch.library.custom_op("rqvae_fast::quantize_input_grad", mutates_args=())
+def quantize_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
+                        indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
+                        grad_out_scale: float) -> Tensor:
+    """The input-gradient pass as an opaque custom op; see :func:`input_grad_body`."""
+    return input_grad_body(grad_out, x, codes, layer_sizes, indices, coef, triton_path,
+                           commit_layers, grad_out_scale)
 
 
 @quantize_input_grad.register_fake

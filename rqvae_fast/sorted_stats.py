@@ -30,13 +30,13 @@ def sorted_code_statistics(x: torch.Tensor, codes: torch.Tensor, layer_sizes: Se
     for layer, size in enumerate(layer_sizes):
         local = indices[:, layer]
         key = torch.where(finite, local, size)  # non-finite rows sort into a trailing bucket
-        layer_counts = torch.bincount(key, minlength=size + 1)[:size]
         order = torch.argsort(key, stable=True)
+        # Segment bounds by binary search (static shapes, so it traces under torch.compile).
+        bounds = torch.searchsorted(key[order], torch.arange(size + 1, device=key.device))
         running = torch.cat([residual.new_zeros((1, residual.shape[1]), dtype=torch.float64),
                              residual.index_select(0, order).double().cumsum(dim=0)])
-        ends = layer_counts.cumsum(dim=0)
-        sums.append((running[ends] - running[ends - layer_counts]).float())
-        counts.append(layer_counts.float())
+        sums.append((running[bounds[1:]] - running[bounds[:-1]]).float())
+        counts.append((bounds[1:] - bounds[:-1]).float())
 
         chosen = codes32[start:start + size].index_select(0, local.clamp(min=0))
         chosen = torch.where(finite[:, None], chosen, 0.0)

@@ -91,6 +91,17 @@ _TRACE_SCRIPT = textwrap.dedent("""
                 raise
         result[str(deterministic)] = dict(graphs)
     result["cached"] = [type(t).__name__ for t in backend._layer_starts.values()]
+
+    class Quantize(torch.nn.Module):  # torch.export keeps the triton_op as one op
+        def __init__(self):
+            super().__init__()
+            self.codes = torch.nn.Parameter(torch.randn(45, 12))
+
+        def forward(self, x):
+            return backend.fused_forward(x, self.codes, [16, 9, 20], FULL, "ieee", True, True, False)
+
+    exported = torch.export.export(Quantize(), (torch.randn(50, 12),))
+    result["exported"] = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     print("GRAPHS=" + json.dumps(result))
 """)
 
@@ -99,7 +110,7 @@ _TRACE_SCRIPT = textwrap.dedent("""
 @needs_triton_op
 def test_torch_compile_traces_into_the_triton_kernels():
     """Inductor gets the kernels themselves: both graphs hold Triton launches, with symbolic N and
-    D, and neither holds an opaque rqvae_fast op."""
+    D, and neither holds an opaque rqvae_fast op. ``torch.export`` keeps the op whole."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -118,6 +129,7 @@ def test_torch_compile_traces_into_the_triton_kernels():
         assert ("searchsorted" in forward) == (deterministic == "True")
         assert ("'WITH_STATS': True" in forward) == (deterministic == "False")
     assert result["cached"] == []  # tracing never caches a (fake) layer_starts tensor
+    assert "rqvae_fast.quantize_forward_triton.default" in result["exported"]
 
 
 class _Tiny(torch.nn.Module):

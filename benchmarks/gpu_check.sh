@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent device machine (H200: torch 2.11 + Triton 3.6 preinstalled,
 # no network). Installs nothing from the network; runs the GPU parity tests, the test suite under
-# CUDA, the side-by-side benchmark report (tf32 + exact fp32) and the scaling sweep, each phase
-# under its own timeout, all in under 5 minutes. Everything lands in $OUT (<= 8 files):
+# CUDA, the side-by-side benchmark report (tf32 + exact fp32), the pipeline report (k-means,
+# encode; its table is in gpu_check.log) and the scaling sweep, each phase under its own timeout,
+# all in under 5 minutes. Everything lands in $OUT (<= 8 files):
 #   gpu_check.log  tests.log  bench_tf32.json  bench_tf32.md  bench_ieee.json  sweep.json
 #   scaling.png  env.txt
 #
@@ -46,15 +47,15 @@ else
 fi
 
 # Each phase has a hard cap (the report prints what it measured when stopped: SIGTERM, then KILL
-# 10 s later); the caps add up to ~290 s.
+# 10 s later); the caps add up to ~285 s.
 phase "GPU parity tests: pytest tests -m gpu"
 timeout -k 5 40 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 
-phase "whole test suite under CUDA (not slow; capped at 40 s)"
-timeout -k 5 40 $PY -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -15
+phase "whole test suite under CUDA (not slow; capped at 30 s)"
+timeout -k 5 30 $PY -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -15
 
 phase "report, tf32: all providers x modes x shapes (torch.compile peers: train on A only)"
-timeout -k 10 110 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 "${SHAPES[@]}" "${QUICK[@]}" \
+timeout -k 10 100 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 "${SHAPES[@]}" "${QUICK[@]}" \
   --skip '*+compile:ema:*' --skip '*+compile:inference:*' --skip '*+compile:*:small' \
   --skip '*+compile:*:B' --skip '*+compile:*:tiny' \
   --json "$OUT/bench_tf32.json" --markdown "$OUT/bench_tf32.md"
@@ -62,6 +63,10 @@ timeout -k 10 110 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 "$
 phase "report, exact fp32 inference (target: >= 50% of the fp32 roofline)"
 timeout -k 5 25 $PY -m rqvae_fast.bench --device "$DEVICE" --precision ieee --modes inference \
   --providers rqvae_fast,seed "${SHAPES[@]}" "${QUICK[@]}" --json "$OUT/bench_ieee.json"
+
+phase "pipeline (issue 4): fused k-means 1M x 32 -> 256, 20 iterations (target < 1 s); encode 1M x 768"
+if [ "$DRY" != "1" ]; then PIPE=(); else PIPE=(--quick); fi
+timeout -k 5 40 $PY -m rqvae_fast.bench_pipeline --device "$DEVICE" "${PIPE[@]}"
 
 phase "scaling sweep: N 2^12..2^24, K 64..16384 (rqvae_fast, tf32)"
 timeout -k 5 45 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 --no-matrix --sweep both \

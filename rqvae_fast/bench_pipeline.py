@@ -1,7 +1,7 @@
 """Speed of the semantic-ID pipeline's heavy steps: fused k-means and ``encode``.
 
-    python -m rqvae_fast.bench_pipeline                 # GPU sizes: k-means 1M x 32 -> 256, encode 1M x 768
-    python -m rqvae_fast.bench_pipeline --quick         # tiny sizes (seconds, any device)
+    python -m rqvae_fast.bench_pipeline          # k-means 1M x 32 -> 256, encode 1M x 768
+    python -m rqvae_fast.bench_pipeline --quick  # tiny sizes (seconds, any device)
 
 k-means: k-means++ seeding and ``--kmeans-iters`` Lloyd iterations, timed apart. Each iteration is
 one fused assignment + statistics pass, placed against the roofline (``2 N K D`` FLOPs; the input
@@ -12,7 +12,8 @@ latent 32, 3 x 256 codes) encodes ``--encode-rows`` items (a) already on the dev
 end from a memory-mapped ``.npy`` through :func:`~rqvae_fast.semantic_ids.encode_source` (read,
 pin, copy, encode, copy back). (a) is placed against the roofline (input read vs the device copy
 rate, MLP + search FLOPs vs the matmul rate); (b) against the measured pinned host-to-device copy
-rate, the bound of an encode whose data starts on the host. Both must give the same codes.
+rate, the bound of an encode whose data starts on the host. The share of rows on which both give
+the same codes is reported (it should be 1).
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _floor_s(flop: float, traffic: float, precision: str, ceilings) -> float:
+    """Roofline time: the slower of the FLOPs at the matmul rate and the bytes at the copy rate."""
+    return max(flop / (ceilings.matmul_tflops(precision) * 1e12),
+               traffic / (ceilings.copy_gbps * 1e9))
+
+
 def bench_kmeans(device: torch.device, rows: int, dim: int, codes: int, iters: int,
                  precision: str, ceilings) -> Dict[str, float]:
     """Seconds of k-means++ seeding and of ``iters`` Lloyd iterations, with roofline figures."""
@@ -61,7 +68,7 @@ def bench_kmeans(device: torch.device, rows: int, dim: int, codes: int, iters: i
     per_iter = iters_s / iters
     flop = 2.0 * rows * codes * dim
     traffic = 8.0 * rows * dim + 8.0 * rows
-    floor = max(flop / (ceilings.matmul_tflops(precision) * 1e12), traffic / (ceilings.copy_gbps * 1e9))
+    floor = _floor_s(flop, traffic, precision, ceilings)
     return {"rows": rows, "dim": dim, "codes": codes, "iters": iters, "precision": precision,
             "init_s": init_s, "iters_s": iters_s, "total_s": init_s + iters_s,
             "iter_ms": per_iter * 1e3, "iter_floor_ms": floor * 1e3,
@@ -84,14 +91,16 @@ def _write_npy(path: str, rows: int, dim: int, device: torch.device, block: int 
     gen = torch.Generator(device=device).manual_seed(2)
     for start in range(0, rows, block):
         stop = min(rows, start + block)
-        out[start:stop] = torch.randn(stop - start, dim, device=device, generator=gen).cpu().numpy()
+        rows_here = torch.randn(stop - start, dim, device=device, generator=gen)
+        out[start:stop] = rows_here.cpu().numpy()
     out.flush()
     del out
 
 
 def bench_encode(device: torch.device, rows: int, dim: int, batch_size: int, precision: str,
                  ceilings, folder: Optional[str] = None) -> Dict[str, float]:
-    """Items/s of ``get_semantic_ids`` on device-resident rows and of ``encode_source`` from a file."""
+    """Items/s of ``get_semantic_ids`` on device-resident rows and of ``encode_source`` from a
+    memory-mapped ``.npy`` written to ``folder``."""
     torch.manual_seed(0)
     model = RQVAE(dim, HIDDEN, LATENT, LAYERS, CODES, precision=precision).to(device).eval()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -107,20 +116,24 @@ def bench_encode(device: torch.device, rows: int, dim: int, batch_size: int, pre
             encoded = {}
             file_s = _seconds(lambda: encoded.setdefault("ids", encode_source(
                 model, source, batch_size=batch_size, progress=False)), device)
-        if not np.array_equal(encoded["ids"].codes, on_device["codes"].cpu().numpy()):
-            raise RuntimeError("encode from the file and from device memory gave different codes")
+        # Same batches, same model: the codes should agree row for row (reported, not raised, so
+        # a rare tf32 kernel choice cannot cost a GPU run its measurements).
+        same = encoded["ids"].codes == on_device["codes"].cpu().numpy()
+        agreement = float(same.all(axis=1).mean())
     del resident
     widths = (dim, *HIDDEN, LATENT)
     flop = 2.0 * rows * (sum(a * b for a, b in zip(widths, widths[1:])) + LAYERS * CODES * LATENT)
     traffic = 4.0 * rows * dim  # each input row read once; everything else is smaller
-    floor = max(flop / (ceilings.matmul_tflops(precision) * 1e12), traffic / (ceilings.copy_gbps * 1e9))
+    floor = _floor_s(flop, traffic, precision, ceilings)
     h2d = _h2d_gbps(device, 256)
     return {"rows": rows, "dim": dim, "batch_size": batch_size, "precision": precision,
             "input_gb": traffic / 1e9,
             "device_s": device_s, "device_items_per_s": rows / device_s,
             "device_floor_s": floor, "device_roofline_fraction": floor / device_s,
-            "file_s": file_s, "file_items_per_s": rows / file_s, "file_gbps": traffic / file_s / 1e9,
-            "h2d_gbps": h2d, "file_fraction_of_h2d": traffic / file_s / 1e9 / h2d}
+            "file_s": file_s, "file_items_per_s": rows / file_s,
+            "file_gbps": traffic / file_s / 1e9,
+            "h2d_gbps": h2d, "file_fraction_of_h2d": traffic / file_s / 1e9 / h2d,
+            "codes_agreement": agreement}
 
 
 def format_report(report: dict) -> str:
@@ -130,14 +143,16 @@ def format_report(report: dict) -> str:
     dur = lambda s: f"{fmt(s)} s" if s >= 1 else f"{fmt(s * 1e3)} ms"  # noqa: E731
     return "\n".join([
         f"rqvae-fast pipeline bench | {report['date']} | {report['device']} | torch "
-        f"{torch.__version__} | commit {report['commit']} | ceilings: copy {fmt(ceil['copy_gbps'], 4)} GB/s, matmul "
+        f"{torch.__version__} | commit {report['commit']} | ceilings: copy "
+        f"{fmt(ceil['copy_gbps'], 4)} GB/s, matmul "
         + ", ".join(f"{k} {fmt(v, 4)}" for k, v in ceil["tflops"].items()) + " TFLOP/s",
         "",
         "| step | size | time | rate | roofline |",
         "|---|---|---|---|---|",
         f"| k-means++ seeding | {km['codes']} seeds from {64 * km['codes']:,} rows | "
         f"{dur(km['init_s'])} | | |",
-        f"| k-means, {km['iters']} iterations ({km['precision']}) | {km['rows']:,} x {km['dim']} -> "
+        f"| k-means, {km['iters']} iterations ({km['precision']}) | "
+        f"{km['rows']:,} x {km['dim']} -> "
         f"{km['codes']} | {dur(km['iters_s'])} (with seeding {dur(km['total_s'])}) | "
         f"{fmt(km['iter_ms'])} ms/iteration | "
         f"{100 * km['iter_roofline_fraction']:.1f} % (floor {fmt(km['iter_floor_ms'])} ms) |",
@@ -150,6 +165,8 @@ def format_report(report: dict) -> str:
         + ("-" if enc["h2d_gbps"] != enc["h2d_gbps"] else
            f"{100 * enc['file_fraction_of_h2d']:.1f} % of pinned host-to-device "
            f"{fmt(enc['h2d_gbps'])} GB/s") + " |",
+        "",
+        f"file and in-memory encodes agree on {100 * enc['codes_agreement']:.2f} % of the rows",
     ])
 
 

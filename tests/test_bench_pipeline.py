@@ -8,7 +8,6 @@ from rqvae_fast import bench_pipeline
 def test_quick_pipeline_report(tmp_path, capsys):
     out = tmp_path / "pipeline.json"
     markdown = tmp_path / "pipeline.md"
-    # bench_encode itself raises if the file-based encode and the in-memory encode disagree.
     assert bench_pipeline.main(["--quick", "--device", "cpu", "--json", str(out),
                                 "--markdown", str(markdown), "--tmpdir", str(tmp_path)]) == 0
     report = json.loads(out.read_text())
@@ -19,6 +18,7 @@ def test_quick_pipeline_report(tmp_path, capsys):
     for value in (km["iter_roofline_fraction"], enc["device_roofline_fraction"],
                   enc["device_items_per_s"], enc["file_items_per_s"]):
         assert value > 0 and math.isfinite(value)
+    assert enc["codes_agreement"] == 1.0  # the file-based encode equals the in-memory one
     assert math.isnan(enc["h2d_gbps"])  # no host-to-device copy on a CPU
     table = markdown.read_text()
     assert table.count("\n| ") == 5  # header + 4 rows (the separator starts with "|---")

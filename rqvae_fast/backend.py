@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake  # both loaded by ``import torch`` already
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import torch_backend
 from .sorted_stats import sorted_code_statistics
@@ -46,9 +48,6 @@ def use_triton(backend: str, device: torch.device) -> bool:
 
 def _tracing(t: Tensor) -> bool:
     """True while ``t`` is a fake/functional tensor or a dispatch mode (tracing) is active."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     return is_fake(t) or _get_current_dispatch_mode() is not None
 
 

@@ -32,7 +32,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -605,16 +605,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_device_and_precision(device: str, precision: Optional[str]
+                                 ) -> Optional[Tuple[torch.device, str]]:
+    """``--device`` (auto/cuda/cpu) and ``--precision`` (default tf32 on CUDA, ieee on CPU) as
+    used by the benchmark commands; ``None`` (after saying why) when CUDA was asked for but is
+    not available."""
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                            else ("cpu" if device == "auto" else device))
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return None
+    return resolved, precision or ("tf32" if resolved.type == "cuda" else "ieee")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m rqvae_fast.bench`` / ``rqvae-fast bench``; returns an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+    resolved = resolve_device_and_precision(args.device, args.precision)
+    if resolved is None:
         return 2
-    precision = args.precision or ("tf32" if device.type == "cuda" else "ieee")
+    device, precision = resolved
     stat = args.stat or ("clean" if device.type == "cpu" and runqueue_wait_ns() is not None
                          else "median")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .bench import _git_commit
+from .bench import _git_commit, resolve_device_and_precision
 from .data import open_embeddings
 from .kmeans import fused_kmeans, kmeans_plusplus
 from .model import RQVAE
@@ -193,12 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+    resolved = resolve_device_and_precision(args.device, args.precision)
+    if resolved is None:
         return 2
-    precision = args.precision or ("tf32" if device.type == "cuda" else "ieee")
+    device, precision = resolved
     if args.quick:
         args.kmeans_rows, args.kmeans_codes, args.kmeans_iters = 8192, 64, 5
         args.encode_rows, args.encode_dim, args.batch_size = 8192, 96, 2048

@@ -115,6 +115,21 @@ def check_parity(step: Step, x, books, *, commitment_cost, grad_mode="seed", cod
         torch.testing.assert_close(mine.float(), theirs.float(), atol=1e-5, rtol=1e-4)
 
 
+def assert_compiled_matches_eager(eager, compiled, eager_out, compiled_out, *, atol, rtol):
+    """A compiled ``(loss, indices)`` step equals the eager one, after both backwards: indices,
+    loss, every parameter's gradient (None where eager has None) and every buffer."""
+    (loss_e, idx_e), (loss_c, idx_c) = eager_out, compiled_out
+    assert torch.equal(idx_e, idx_c)
+    torch.testing.assert_close(loss_c, loss_e, atol=atol, rtol=rtol)
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        if p_e.grad is None:
+            assert p_c.grad is None, name
+        else:
+            torch.testing.assert_close(p_c.grad, p_e.grad, atol=atol, rtol=rtol, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled.buffers()):
+        torch.testing.assert_close(b_c, b_e, atol=atol, rtol=rtol, msg=name)
+
+
 def run_cli(capsys, *argv):
     """Run ``rqvae-fast ARGV`` in-process: ``(exit code, stdout, stderr)``."""
     from rqvae_fast.cli import main

@@ -8,6 +8,8 @@ reuses what the forward produced (``g_l`` = gradient of ``layer_losses[l]``):
 - input:    ``grad_x = s g_q + sum_{l in C} g_l * 2 beta / (N D) * (r_l - e_l)`` with ``C = {0}``
   for ``grad_mode="seed"``, ``C = {0..L-1}`` otherwise, ``s = L`` for ``"layer_ste"``, else 1
   (see :mod:`rqvae_fast.routing`); one elementwise pass rebuilding ``r_l`` from the saved indices.
+  ``grad_mode="rotation"`` replaces ``s g_q`` by the sum of the layers' rotated gradients
+  (:mod:`rqvae_fast.rotation`, chunked PyTorch).
 - codebook: ``grad_e_k = g_l * 2 / (N D) * (count_k e_k - sum_k)`` from the forward's per-code
   counts and residual sums, when the loss holds codebook terms.
 """
@@ -18,6 +20,7 @@ from typing import Tuple
 import torch
 
 from . import backend, routing
+from .rotation import rotation_input_grad
 
 
 class ResidualQuantizeFunction(torch.autograd.Function):
@@ -27,7 +30,7 @@ class ResidualQuantizeFunction(torch.autograd.Function):
                 triton_path: bool, with_stats: bool, deterministic: bool):
         """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks)."""
         quantized, indices, sse, counts, sums = backend.fused_forward(
-            x, codes, list(layer_sizes), routing_mode, precision, triton_path, with_stats,
+            x, codes, list(layer_sizes), routing.forward_routing(routing_mode), precision, triton_path, with_stats,
             deterministic)
         n, dim = x.shape
         inv_count = 1.0 / (n * dim) if n > 0 else 0.0
@@ -53,10 +56,13 @@ class ResidualQuantizeFunction(torch.autograd.Function):
         grad_x = grad_codes = None
         if ctx.needs_input_grad[0]:
             coef = (grad_losses * (2.0 * ctx.commitment_cost * ctx.inv_count)).contiguous()
-            grad_x = backend.fused_input_grad(
-                grad_quantized.contiguous(), x, codes, list(layer_sizes), indices, coef,
-                ctx.triton_path, routing.commit_layers(ctx.routing_mode, num_layers),
-                routing.grad_out_scale(ctx.routing_mode, num_layers))
+            if ctx.routing_mode == routing.ROTATION:  # chunked PyTorch pass (no Triton kernel yet)
+                grad_x = rotation_input_grad(grad_quantized, x, codes, layer_sizes, indices, coef)
+            else:
+                grad_x = backend.fused_input_grad(
+                    grad_quantized.contiguous(), x, codes, list(layer_sizes), indices, coef,
+                    ctx.triton_path, routing.commit_layers(ctx.routing_mode, num_layers),
+                    routing.grad_out_scale(ctx.routing_mode, num_layers))
         if ctx.needs_input_grad[1] and ctx.codebook_loss:
             if counts.shape[0] != codes.shape[0]:
                 raise RuntimeError("codebook gradient needs the forward's statistics (with_stats=True)")

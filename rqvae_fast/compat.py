@@ -19,6 +19,7 @@ mapping, the unsupported options and the distributed behaviour.
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,32 +28,35 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .compat_layers import ImplicitCodebookMLP, forward_layers
+from .compat_reference import l2norm
 from .functional import residual_quantize
 
-__all__ = ["ResidualVQ", "ema_track_", "ema_codebook_", "kmeans"]
+__all__ = ["ResidualVQ", "GroupedResidualVQ", "ema_track_", "ema_codebook_", "kmeans"]
 
 # Options of vector-quantize-pytorch's ResidualVQ / VectorQuantize that this module does not
-# implement, with the value that switches them off (accepted, and the only value accepted).
+# implement, with the value that switches them off (accepted, and the only value accepted), and why.
 _NEUTRAL: Dict[str, Any] = {
     # ResidualVQ
-    "shared_codebook": False, "diveq": False, "heads": 1, "quantize_dropout": False,
-    "quantize_dropout_cutoff_index": 0, "quantize_dropout_multiple_of": 1,
-    "accept_image_fmap": False, "implicit_neural_codebook": False, "mlp_kwargs": {},
-    "beam_size": None, "eval_beam_size": None, "beam_score_quantizer_weights": None,
-    "quant_grad_frac": 0.0,
+    "diveq": False, "heads": 1, "accept_image_fmap": False,
     # VectorQuantize
     "separate_codebook_per_head": False, "freeze_codebook": False, "sync_kmeans": True,
-    "use_cosine_sim": False, "layernorm_after_project_in": False, "channel_last": True,
+    "layernorm_after_project_in": False, "channel_last": True,
     "accept_3d_fmap": False, "commitment_use_cross_entropy_loss": False,
     "orthogonal_reg_weight": 0.0, "orthogonal_reg_active_codes_only": False,
     "orthogonal_reg_max_codes": None, "codebook_diversity_loss_weight": 0.0,
-    "codebook_diversity_temperature": 100.0, "stochastic_sample_codes": False,
-    "sample_codebook_temp": 1.0, "straight_through": False, "rotation_trick": False,
+    "codebook_diversity_temperature": 100.0, "straight_through": False,
     "directional_reparam": False, "directional_reparam_variance": 5e-3, "sync_affine_param": False,
     "vq_bridge": None, "manual_ema_update": False, "in_place_codebook_optimizer": None,
     "manual_in_place_optimizer_update": False, "affine_param": False,
     "affine_param_batch_decay": 0.99, "affine_param_codebook_decay": 0.9, "sync_update_v": 0.0,
     "route_gradients_to_input": True,
+}
+_REASONS: Dict[str, str] = {
+    "diveq": "DiVeQ's noisy directional reparameterisation is not implemented",
+    "directional_reparam": "DiVeQ's noisy directional reparameterisation is not implemented",
+    "heads": "their ResidualVQ itself asserts heads == 1",
+    "straight_through": "Gumbel straight-through needs the (N, K) softmax, which is not implemented",
 }
 
 
@@ -80,9 +84,7 @@ def _check_options(options: Dict[str, Any]) -> None:
     if unsupported:
         detail = ", ".join(f"{name}={options[name]!r} (supported: {_NEUTRAL[name]!r})"
                            for name in unsupported)
-        hint = (" rotation_trick: only the plain straight-through estimator is implemented; "
-                "vector-quantize-pytorch's default is rotation_trick=True for dim > 1."
-                if "rotation_trick" in unsupported else "")
+        hint = "".join(f" {name}: {_REASONS[name]}." for name in unsupported if name in _REASONS)
         raise ValueError(
             f"rqvae_fast.compat.ResidualVQ does not support {detail}.{hint}")
 
@@ -107,20 +109,22 @@ def ema_track_(cluster_size: torch.Tensor, embed_avg: torch.Tensor, counts: torc
 
 @torch.no_grad()
 def ema_codebook_(embed: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor,
-                  eps: float) -> None:
+                  eps: float, cosine: bool = False) -> None:
     """Set ``embed (K, D)`` to ``embed_avg / smoothed`` in place, with the Laplace-smoothed sizes
     ``smoothed = (cluster_size + eps) / (n + K eps) * n``, ``n = sum(cluster_size)``.
 
-    An unused code (``cluster_size = embed_avg = 0``) becomes the zero vector.
+    An unused code (``cluster_size = embed_avg = 0``) becomes the zero vector. ``cosine``: the
+    result is l2-normalised (their ``use_cosine_sim``).
     """
     total = cluster_size.sum()
     smoothed = (cluster_size + eps) / (total + cluster_size.shape[0] * eps) * total
-    embed.copy_((embed_avg / smoothed.unsqueeze(1)).to(embed))
+    new = embed_avg / smoothed.unsqueeze(1)
+    embed.copy_((l2norm(new) if cosine else new).to(embed))
 
 
 @torch.no_grad()
 def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, *,
-           precision: Optional[str] = None, backend: str = "auto"
+           precision: Optional[str] = None, backend: str = "auto", use_cosine_sim: bool = False
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means as vector-quantize-pytorch runs it: ``(means (K, D), bins (K,))`` fp32.
 
@@ -128,6 +132,8 @@ def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, *,
     ``N < K``) by torch's global generator; each iteration assigns rows to their nearest mean and
     moves every mean with rows to their average (an empty cluster keeps its mean). ``bins`` counts
     the rows of the last assignment. One fused pass per iteration, no ``(N, K)`` matrix.
+    ``use_cosine_sim``: rows are unit vectors and the new means are l2-normalised, so the nearest
+    mean (smallest ``|m|^2 - 2 s.m`` with ``|m| = 1``) is the one of largest dot product, as theirs.
     """
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise ValueError(f"k-means needs a non-empty (N, D) tensor, got shape {tuple(samples.shape)}")
@@ -146,6 +152,8 @@ def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int = 10, *,
                                  precision=precision, backend=backend, compute_stats=True)
         bins, sums = step.code_counts[0], step.code_sums[0]
         new_means = sums / bins.clamp(min=1.0).unsqueeze(1)
+        if use_cosine_sim:
+            new_means = l2norm(new_means)
         means = torch.where((bins == 0).unsqueeze(1), means, new_means)
     return means, bins
 
@@ -159,13 +167,16 @@ class _Codebook(nn.Module):
     ``initted`` 0-d bool, ``cluster_size (1, K)``, ``embed_avg (1, K, D)``, ``embed (1, K, D)``
     (a Parameter when learnable, else a buffer), all fp32."""
 
-    def __init__(self, codebook_size: int, dim: int, kmeans_init: bool, learnable: bool):
+    def __init__(self, codebook_size: int, dim: int, kmeans_init: bool, learnable: bool,
+                 cosine: bool = False):
         super().__init__()
         if kmeans_init:
             embed = torch.zeros(1, codebook_size, dim)
         else:  # kaiming-uniform over a (1, K, D) tensor, as vector-quantize-pytorch
             bound = math.sqrt(6.0 / (codebook_size * dim))
             embed = torch.empty(1, codebook_size, dim).uniform_(-bound, bound)
+            if cosine:
+                embed = l2norm(embed)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(1, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
@@ -178,10 +189,12 @@ class _Codebook(nn.Module):
 class _Layer(nn.Module):
     """Holder of one ``_codebook`` (the place of vector-quantize-pytorch's ``VectorQuantize``)."""
 
-    def __init__(self, codebook_size: int, dim: int, kmeans_init: bool, learnable: bool):
+    def __init__(self, codebook_size: int, dim: int, kmeans_init: bool, learnable: bool,
+                 cosine: bool = False):
         super().__init__()
         self.codebook_size = codebook_size
-        self._codebook = _Codebook(codebook_size, dim, kmeans_init, learnable)
+        self.use_cosine_sim = cosine
+        self._codebook = _Codebook(codebook_size, dim, kmeans_init, learnable, cosine)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -227,6 +240,20 @@ class ResidualVQ(nn.Module):
         ema_update: Optional[bool] = None,
         sync_codebook: Optional[bool] = None,
         return_zeros_for_masked_padding: bool = True,
+        rotation_trick: Optional[bool] = None,
+        use_cosine_sim: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        shared_codebook: bool = False,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: Optional[Dict[str, Any]] = None,
+        beam_size: Optional[int] = None,
+        eval_beam_size: Optional[int] = None,
+        beam_score_quantizer_weights: Optional[Sequence[float]] = None,
+        quant_grad_frac: float = 0.0,
         precision: Optional[str] = None,
         backend: str = "auto",
         check_finite: bool = False,
@@ -235,6 +262,36 @@ class ResidualVQ(nn.Module):
         super().__init__()
         _check_options(options)
         sizes = self._layer_sizes(codebook_size, num_quantizers)
+        if implicit_neural_codebook:  # as theirs: the transformed codebooks are learned
+            if ema_update or (learnable_codebook is not None and not learnable_codebook):
+                raise ValueError("implicit_neural_codebook=True learns the codebooks: it needs "
+                                 "learnable_codebook=True and ema_update=False (the defaults then)")
+            learnable_codebook, ema_update = True, False
+        if use_cosine_sim and learnable_codebook:
+            raise ValueError("use_cosine_sim=True does not work with a learnable codebook (nor with "
+                             "implicit_neural_codebook), as in vector-quantize-pytorch")
+        if shared_codebook and len(set(sizes)) != 1:
+            raise ValueError(f"shared_codebook=True needs one codebook size for all layers, got {sizes}")
+        if not isinstance(quantize_dropout_cutoff_index, int) or quantize_dropout_cutoff_index < 0:
+            raise ValueError("quantize_dropout_cutoff_index must be an int >= 0, got "
+                             f"{quantize_dropout_cutoff_index!r}")
+        if quantize_dropout and quantize_dropout_cutoff_index >= len(sizes) > 1:
+            raise ValueError(f"quantize_dropout_cutoff_index ({quantize_dropout_cutoff_index}) must be "
+                             f"below num_quantizers ({len(sizes)})")
+        if not isinstance(quantize_dropout_multiple_of, int) or quantize_dropout_multiple_of < 1:
+            raise ValueError("quantize_dropout_multiple_of must be an int >= 1, got "
+                             f"{quantize_dropout_multiple_of!r}")
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size (as in vector-quantize-pytorch)")
+        for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        weights = [1.0] * len(sizes) if beam_score_quantizer_weights is None else \
+            [float(w) for w in beam_score_quantizer_weights]
+        if len(weights) != len(sizes):
+            raise ValueError(f"beam_score_quantizer_weights needs {len(sizes)} weights, got {len(weights)}")
+        if not 0.0 <= float(quant_grad_frac) <= 1.0:
+            raise ValueError(f"quant_grad_frac must be in [0, 1], got {quant_grad_frac}")
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         codebook_dim = dim if codebook_dim is None else codebook_dim
@@ -275,11 +332,33 @@ class ResidualVQ(nn.Module):
         self.backend = backend
         self.check_finite = check_finite
 
+        # their default: the rotation trick whenever the quantized vectors have more than one dim
+        self.rotation_trick = (codebook_dim > 1) if rotation_trick is None else bool(rotation_trick)
+        self.use_cosine_sim = bool(use_cosine_sim)
+        self.quantize_dropout = bool(quantize_dropout) and len(sizes) > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.shared_codebook = bool(shared_codebook)
+        self.stochastic_sample_codes = bool(stochastic_sample_codes)
+        self.sample_codebook_temp = float(sample_codebook_temp)
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
+        self.quant_grad_frac = float(quant_grad_frac)
+
         self.has_projections = codebook_dim != dim
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
         self.layers = nn.ModuleList(
-            [_Layer(size, codebook_dim, self.kmeans_init, learnable_codebook) for size in sizes])
+            [_Layer(size, codebook_dim, self.kmeans_init, learnable_codebook, self.use_cosine_sim)
+             for size in sizes])
+        if self.shared_codebook:  # one _Codebook module under every layer's name, as theirs
+            for layer in self.layers[1:]:
+                layer._codebook = self.layers[0]._codebook
+        self.mlps = nn.ModuleList(
+            [ImplicitCodebookMLP(codebook_dim, **(mlp_kwargs or {})) for _ in sizes[1:]]
+        ) if self.implicit_neural_codebook else None
         self._needs_init = self.kmeans_init  # mirrors "some layer's initted is False"
         self.register_load_state_dict_post_hook(ResidualVQ._after_load)
 
@@ -320,20 +399,38 @@ class ResidualVQ(nn.Module):
         return torch.stack(books) if self.uniform_codebook_size else books
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``indices (B, ..., Q)`` int -> codes ``(Q, B, ..., codebook_dim)``; index -1 gives zeros."""
+        """``indices (B, ..., Q')`` int -> codes ``(Q, B, ..., codebook_dim)``; index -1 gives zeros.
+
+        ``Q' < Q`` (coarse indices, the rest taken as -1) only with ``quantize_dropout``. With an
+        implicit neural codebook, layer ``l``'s codes are its MLP's transform conditioned on the sum
+        of the previous layers' codes (index -1 fetching code 0 there, as theirs).
+        """
         if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point:
             raise TypeError("indices must be an integer tensor (B, ..., Q)")
-        if indices.dim() < 2 or indices.shape[-1] != self.num_quantizers:
+        given = indices.shape[-1] if indices.dim() >= 2 else -1
+        if given < self.num_quantizers and given >= 1 and self.quantize_dropout:
+            indices = torch.cat((indices, indices.new_full(
+                (*indices.shape[:-1], self.num_quantizers - given), -1)), dim=-1)
+        elif indices.dim() < 2 or given != self.num_quantizers:
             raise ValueError(
                 f"indices must have shape (B, ..., {self.num_quantizers}), got {tuple(indices.shape)}"
-                " (fewer quantizers need quantize_dropout, which is not supported)")
+                " (fewer quantizers only with quantize_dropout=True)")
         codes = []
+        condition = None
         for layer, (module, index) in enumerate(zip(self.layers, indices.unbind(-1))):
             size = module.codebook_size
             if bool(((index < -1) | (index >= size)).any()):
                 raise ValueError(f"indices of layer {layer} must be in [-1, {size}), got values "
                                  f"in [{int(index.min())}, {int(index.max())}]")
-            code = module.codebook[index.clamp(min=0)]
+            safe = index.clamp(min=0)
+            if self.implicit_neural_codebook and layer > 0:
+                lead = safe.shape
+                per_row = self.mlps[layer - 1](module.codebook, condition=condition.reshape(-1, self.codebook_dim))
+                code = per_row.gather(1, safe.reshape(-1, 1, 1).expand(-1, 1, self.codebook_dim))
+                code = code.reshape(*lead, self.codebook_dim)
+            else:
+                code = module.codebook[safe]
+            condition = code if condition is None else condition + code
             codes.append(code.masked_fill((index < 0).unsqueeze(-1), 0.0))
         return torch.stack(codes)
 
@@ -344,23 +441,74 @@ class ResidualVQ(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, indices=None,
-                return_all_codes: bool = False, sample_codebook_temp=None,
-                freeze_codebook: bool = False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
+                return_all_codes: bool = False, sample_codebook_temp: Optional[float] = None,
+                freeze_codebook: bool = False, beam_size: Optional[int] = None,
+                rand_quantize_dropout_fixed_seed: Optional[int] = None):
         """See the class docstring. ``freeze_codebook=True`` skips the codebook updates and gives a
         learnable codebook no gradient for this call."""
-        for name, value in (("indices", indices), ("sample_codebook_temp", sample_codebook_temp),
-                            ("beam_size", beam_size),
-                            ("rand_quantize_dropout_fixed_seed", rand_quantize_dropout_fixed_seed)):
-            if value is not None and not (name == "beam_size" and value == 1):
-                raise ValueError(f"forward argument {name}={value!r} is not supported by "
-                                 "rqvae_fast.compat.ResidualVQ (leave it None)")
+        if indices is not None:
+            raise ValueError("forward argument indices (their cross-entropy loss to given codes) is "
+                             "not supported by rqvae_fast.compat.ResidualVQ (leave it None)")
+        if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
+            raise ValueError(f"beam_size must be None or an int >= 1, got {beam_size!r}")
         rows, select, lead_shape = self._rows(x, mask)
         sync = distributed.should_sync(self.sync_codebook)
+        active = self._active_layers(rows.device, rand_quantize_dropout_fixed_seed)
+        beam = beam_size if beam_size is not None else (
+            self.beam_size if self.training else self.eval_beam_size)
+        beam = 1 if beam is None else beam
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
+        sampling = self.stochastic_sample_codes and self.training and temperature > 0
+        layered = (beam > 1 or sampling or self.implicit_neural_codebook or self.use_cosine_sim
+                   or self.shared_codebook or self.quant_grad_frac > 0)
+        if layered:
+            quantized, all_indices, losses = forward_layers(
+                self, rows, active=active, beam=beam, temperature=temperature if sampling else 0.0,
+                freeze=freeze_codebook, masked=mask is not None)
+            quantized = quantized.to(rows.dtype)
+        else:
+            quantized, all_indices, losses = self._forward_fused(rows, active, freeze_codebook, sync)
+
+        if select is not None:
+            positions = select.nonzero().squeeze(1)
+            full = quantized.new_zeros((select.shape[0], self.codebook_dim))
+            quantized = full.index_copy(0, positions, quantized)
+            all_indices = torch.full((select.shape[0], self.num_quantizers), -1, dtype=torch.int64,
+                                     device=rows.device).index_copy(0, positions, all_indices)
+        quantized = self.project_out(quantized.reshape(*lead_shape, self.codebook_dim))
+        all_indices = all_indices.reshape(*lead_shape, self.num_quantizers)
+        if mask is not None:
+            fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
+            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
+        if return_all_codes:
+            return quantized, all_indices, losses, self.get_codes_from_indices(all_indices)
+        return quantized, all_indices, losses
+
+    def _active_layers(self, device: torch.device, seed: Optional[int]) -> int:
+        """How many layers run: all, or in training with quantize dropout ``cutoff + 1`` for a cutoff
+        drawn as theirs (``random.Random(seed).randrange(cutoff_index, Q)``, rounded up to a multiple;
+        without a seed, one is drawn from torch's global generator, summed over ranks)."""
+        if not (self.training and self.quantize_dropout):
+            return self.num_quantizers
+        if seed is None:
+            draw = torch.randint(0, 10_000, (), device=device)
+            if distributed.should_sync(None):
+                torch.distributed.all_reduce(draw)
+            seed = int(draw.item())
+        cutoff = random.Random(seed).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        multiple = self.quantize_dropout_multiple_of
+        if multiple != 1:
+            cutoff = math.ceil((cutoff + 1) / multiple) * multiple - 1
+        return min(cutoff + 1, self.num_quantizers)
+
+    def _forward_fused(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool):
+        """All active layers in one fused pass; returns ``(quantized (n, d), indices (n, Q), losses (Q,))``."""
         if self._needs_init:
             self._init_codebooks(rows, sync)
-
-        books = [layer.codebook for layer in self.layers]
-        options = dict(grad_mode="layer_ste", precision=self.precision, backend=self.backend,
+        layers = list(self.layers[:active])
+        books = [layer.codebook for layer in layers]
+        grad_mode = "rotation" if self.rotation_trick else "layer_ste"
+        options = dict(grad_mode=grad_mode, precision=self.precision, backend=self.backend,
                        check_finite=self.check_finite)
         update = self.training and not freeze_codebook and (
             self.ema_update or self.threshold_ema_dead_code > 0)
@@ -381,7 +529,7 @@ class ResidualVQ(nn.Module):
             with torch.no_grad():
                 result = residual_quantize(rows.detach(), [b.detach() for b in books], 0.0,
                                            codebook_loss=False, compute_stats=False, **options)
-            losses = torch.zeros(self.num_quantizers, dtype=torch.float32, device=rows.device)
+            losses = torch.zeros(active, dtype=torch.float32, device=rows.device)
         quantized = result.quantized
         if (self.learnable_codebook and torch.is_grad_enabled()
                 and not (self.training and rows.requires_grad)):
@@ -389,23 +537,13 @@ class ResidualVQ(nn.Module):
             # the output is the sum of the codes and passes its gradient to the codebooks
             quantized = self._sum_codes(result.indices, books).to(rows.dtype)
         if update:
-            self._update_codebooks(rows.detach(), result, sync)
-
-        all_indices = result.indices
-        if select is not None:
-            positions = select.nonzero().squeeze(1)
-            full = quantized.new_zeros((select.shape[0], self.codebook_dim))
-            quantized = full.index_copy(0, positions, quantized)
-            all_indices = torch.full((select.shape[0], self.num_quantizers), -1, dtype=torch.int64,
-                                     device=rows.device).index_copy(0, positions, all_indices)
-        quantized = self.project_out(quantized.reshape(*lead_shape, self.codebook_dim))
-        all_indices = all_indices.reshape(*lead_shape, self.num_quantizers)
-        if mask is not None:
-            fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else x
-            quantized = torch.where(mask.unsqueeze(-1), quantized, fill)
-        if return_all_codes:
-            return quantized, all_indices, losses, self.get_codes_from_indices(all_indices)
-        return quantized, all_indices, losses
+            self._update_codebooks(rows.detach(), result, sync, layers)
+        indices = result.indices
+        dropped = self.num_quantizers - active
+        if dropped:
+            indices = torch.cat((indices, indices.new_full((indices.shape[0], dropped), -1)), dim=1)
+            losses = torch.cat((losses, losses.new_zeros(dropped)))
+        return quantized, indices, losses
 
     def _rows(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
         """Projected rows ``(n, codebook_dim)`` to quantize, the flat row mask, the lead shape."""
@@ -485,33 +623,34 @@ class ResidualVQ(nn.Module):
         self._needs_init = False
 
     @torch.no_grad()
-    def _update_codebooks(self, rows: torch.Tensor, result, sync: bool) -> None:
-        """EMA step from the batch's statistics (ONE all-reduce when synced), then dead codes."""
-        before = ([layer.codebook.detach().clone() for layer in self.layers]
+    def _update_codebooks(self, rows: torch.Tensor, result, sync: bool, layers: Sequence[_Layer]) -> None:
+        """EMA step of ``layers`` (the active ones) from the batch's statistics (ONE all-reduce when
+        synced), then dead codes."""
+        before = ([layer.codebook.detach().clone() for layer in layers]
                   if self.threshold_ema_dead_code > 0 else None)
         counts, sums = result.code_counts, result.code_sums
         if sync:
             counts, sums = distributed.all_reduce_code_stats(counts, sums)
         if float(counts[0].sum()) == 0.0:
             return  # no unmasked finite row on any rank: leave the averages alone
-        for layer, layer_counts, layer_sums in zip(self.layers, counts, sums):
+        for layer, layer_counts, layer_sums in zip(layers, counts, sums):
             cb = layer._codebook
             ema_track_(cb.cluster_size[0], cb.embed_avg[0], layer_counts, layer_sums, self.decay)
             if self.ema_update:
                 ema_codebook_(cb.embed.data[0], cb.cluster_size[0], cb.embed_avg[0], self.eps)
         if before is not None:
-            self._expire_codes(rows, result.indices, before, sync)
+            self._expire_codes(rows, result.indices, before, sync, layers)
 
     @torch.no_grad()
     def _expire_codes(self, rows: torch.Tensor, indices: torch.Tensor,
-                      before: List[torch.Tensor], sync: bool) -> None:
+                      before: List[torch.Tensor], sync: bool, layers: Sequence[_Layer]) -> None:
         """Re-seed codes whose ``cluster_size`` fell below ``threshold_ema_dead_code`` with rows of
         that layer's input residuals, drawn uniformly without replacement from the rows of all ranks
         (one ``all_gather`` when synced; identical on every rank). With fewer rows than dead codes, a
         random subset of the dead codes is re-seeded. Re-seeded codes get ``cluster_size =
         threshold`` and ``embed_avg = code * threshold`` (vector-quantize-pytorch's reset)."""
         threshold = self.threshold_ema_dead_code
-        dead = [layer._codebook.cluster_size[0] < threshold for layer in self.layers]
+        dead = [layer._codebook.cluster_size[0] < threshold for layer in layers]
         num_dead = [int(d.sum()) for d in dead]  # the same on every rank (synced averages)
         if sum(num_dead) == 0:
             return
@@ -539,7 +678,7 @@ class ResidualVQ(nn.Module):
         rank_rows = [int(n) for n in head[:, 0].tolist()]
         rng = np.random.default_rng(int(head[0, 1]))
         offset = 2
-        for layer_id, layer in enumerate(self.layers):
+        for layer_id, layer in enumerate(layers):
             wanted = num_dead[layer_id]
             if not wanted:
                 continue
@@ -561,8 +700,146 @@ class ResidualVQ(nn.Module):
             cb.cluster_size[0, slots] = threshold
             cb.embed_avg[0, slots] = vectors * threshold
 
+
+    # --- codebook steps of the layer-by-layer path (compat_layers) ----------------------------
+
+    @torch.no_grad()
+    def _init_layer(self, book: _Codebook, vectors: torch.Tensor, size: int) -> None:
+        """k-means init of one layer's codebook from its (transformed) input rows ``(m, d)``."""
+        vectors = vectors[torch.isfinite(vectors).all(dim=1)]
+        if vectors.shape[0] == 0:
+            return
+        if vectors.shape[0] < size:
+            warnings.warn(f"k-means init got {vectors.shape[0]} vectors for {size} codes: "
+                          "duplicates are sampled")
+        means, bins = kmeans(vectors, size, self.kmeans_iters, precision=self.precision,
+                             backend=self.backend, use_cosine_sim=self.use_cosine_sim)
+        book.embed_avg[0].copy_(means * bins.unsqueeze(1))
+        book.cluster_size[0].copy_(bins)
+        ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps,
+                      self.use_cosine_sim)
+        book.initted.fill_(True)
+        self._needs_init = not all(bool(layer._codebook.initted) for layer in self.layers)
+
+    @torch.no_grad()
+    def _layer_codebook_step(self, book: _Codebook, vectors: torch.Tensor, index: torch.Tensor,
+                             size: int) -> None:
+        """One layer's EMA step and dead-code reset from its (transformed) input rows ``(m, d)`` and
+        their codes ``(m,)``; with a shared codebook the codes move once, at the end of the call."""
+        if not (self.ema_update or self.threshold_ema_dead_code > 0):
+            return
+        counts = torch.bincount(index, minlength=size).float()
+        sums = vectors.new_zeros((size, vectors.shape[1])).index_add_(0, index, vectors)
+        if distributed.should_sync(self.sync_codebook):
+            (counts,), (sums,) = distributed.all_reduce_code_stats([counts], [sums])
+        ema_track_(book.cluster_size[0], book.embed_avg[0], counts, sums, self.decay)
+        if self.ema_update and not self.shared_codebook:
+            ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps,
+                          self.use_cosine_sim)
+        self._reseed_dead(book, vectors)
+
+    @torch.no_grad()
+    def _shared_codebook_finish(self, vectors: torch.Tensor) -> None:
+        """Shared codebook, end of a training call: codes from the averages, then dead codes
+        re-seeded from the inputs of all layers ``(m, d)``."""
+        book = self.layers[0]._codebook
+        if self.ema_update:
+            ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps,
+                          self.use_cosine_sim)
+        self._reseed_dead(book, l2norm(vectors) if self.use_cosine_sim else vectors)
+
+    @torch.no_grad()
+    def _reseed_dead(self, book: _Codebook, vectors: torch.Tensor) -> None:
+        """Codes with ``cluster_size < threshold`` become rows of ``vectors`` drawn without
+        replacement (a random subset of the dead codes when rows are fewer); local to this rank."""
+        threshold = self.threshold_ema_dead_code
+        if threshold <= 0 or not self.training or vectors.shape[0] == 0:
+            return
+        dead = book.cluster_size[0] < threshold
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        if self.use_cosine_sim:
+            vectors = l2norm(vectors)
+        slots = dead.nonzero().squeeze(1)
+        rows = vectors.shape[0]
+        if num_dead > rows:
+            slots = slots[torch.randperm(num_dead, device=slots.device)[:rows]].sort().values
+        picked = vectors[torch.randperm(rows, device=vectors.device)[:slots.numel()]].to(book.embed.dtype)
+        book.embed.data[0, slots] = picked
+        book.cluster_size[0, slots] = threshold
+        book.embed_avg[0, slots] = picked * threshold
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_dim={self.codebook_dim}, codebook_sizes={self.codebook_sizes}, "
                 f"decay={self.decay}, commitment_weight={self.commitment_weight}, "
                 f"ema_update={self.ema_update}, learnable_codebook={self.learnable_codebook}, "
                 f"kmeans_init={self.kmeans_init}, threshold_ema_dead_code={self.threshold_ema_dead_code}")
+
+
+class GroupedResidualVQ(nn.Module):
+    """vector-quantize-pytorch's ``GroupedResidualVQ``: ``groups`` independent :class:`ResidualVQ`
+    (``rvqs.{g}``, same ``state_dict`` keys as theirs) over equal channel groups of ``dim``.
+
+    ``forward(x (B, N, dim) or (B, dim), ...)`` returns ``(quantized`` like ``x``, ``indices (G, B,
+    N, Q)``, ``commit_losses (G, Q)``)``; ``return_all_codes=True`` adds a tuple of the groups'
+    ``(Q, B, N, d)`` codes. In training one seed is drawn (torch's global generator, as theirs) and
+    every group uses it for its quantize-dropout cutoff. The groups run one after another (each a
+    fused pass); one launch over all groups needs a group grid dimension in the kernel.
+    """
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any):
+        super().__init__()
+        if accept_image_fmap:
+            raise ValueError("accept_image_fmap=True is not supported by rqvae_fast.compat "
+                             "(pass (B, N, dim) inputs)")
+        if not isinstance(groups, int) or groups < 1 or not isinstance(dim, int) or dim % groups:
+            raise ValueError(f"dim ({dim!r}) must be a positive int divisible by groups ({groups!r})")
+        self.dim = dim
+        self.groups = groups
+        self.accept_image_fmap = False
+        self.rvqs = nn.ModuleList([ResidualVQ(dim=dim // groups, **kwargs) for _ in range(groups)])
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """``(G, Q, K, d)``."""
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    @property
+    def split_dim(self) -> int:
+        return -1
+
+    def get_codes_from_indices(self, indices) -> torch.Tensor:
+        """``indices (G, B, ..., Q)`` -> ``(G, Q, B, ..., d)``."""
+        return torch.stack([rvq.get_codes_from_indices(part) for rvq, part in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices) -> torch.Tensor:
+        """``indices (G, B, ..., Q)`` -> ``(B, ..., dim)``."""
+        return torch.cat([rvq.get_output_from_indices(part) for rvq, part in zip(self.rvqs, indices)],
+                         dim=-1)
+
+    def forward(self, x: torch.Tensor, indices=None, return_all_codes: bool = False,
+                sample_codebook_temp: Optional[float] = None, freeze_codebook: bool = False,
+                mask: Optional[torch.Tensor] = None):
+        if indices is not None and len(indices) > 0:
+            raise ValueError("forward argument indices (their cross-entropy loss to given codes) is "
+                             "not supported by rqvae_fast.compat.GroupedResidualVQ (leave it None)")
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be a tensor whose last dim is {self.dim}, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        seed = None
+        if self.training:  # their get_maybe_sync_seed: drawn whether or not dropout is on
+            draw = torch.randint(0, 10_000, (), device=x.device)
+            if distributed.should_sync(None):
+                torch.distributed.all_reduce(draw)
+            seed = int(draw.item())
+        outs = [rvq(chunk, mask=mask, return_all_codes=return_all_codes,
+                    sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                    rand_quantize_dropout_fixed_seed=seed)
+                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=-1))]
+        quantized = torch.cat([o[0] for o in outs], dim=-1)
+        all_indices = torch.stack([o[1] for o in outs])
+        losses = torch.stack([o[2] for o in outs])
+        if return_all_codes:
+            return quantized, all_indices, losses, tuple(o[3] for o in outs)
+        return quantized, all_indices, losses

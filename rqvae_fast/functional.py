@@ -33,8 +33,9 @@ def residual_quantize(
 ) -> QuantizeResult:
     """Quantize ``x (*, D)`` through codebooks ``(K_l, D)`` in one fused pass.
 
-    - ``grad_mode``: ``"seed"`` (the seed document's routing), ``"full"`` (standard RQ-VAE) or
-      ``"layer_ste"`` (vector-quantize-pytorch's); see :mod:`rqvae_fast.routing`.
+    - ``grad_mode``: ``"seed"`` (the seed document's routing), ``"full"`` (standard RQ-VAE),
+      ``"layer_ste"`` (vector-quantize-pytorch's with ``rotation_trick=False``) or ``"rotation"``
+      (its default rotation trick); see :mod:`rqvae_fast.routing`.
     - ``codebook_loss``: include ``mse(e_l, sg(r_l))`` in the loss and give codebooks a gradient.
       ``False`` for EMA codebooks (loss = commitment terms only).
     - ``precision``: ``None`` (follow ``torch.get_float32_matmul_precision()``), ``"ieee"``, ``"tf32"``

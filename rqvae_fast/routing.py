@@ -10,11 +10,14 @@ With ``r_0 = x``, chosen code ``e_l``, stop-gradient ``sg`` and commitment cost 
 - ``"layer_ste"``: vector-quantize-pytorch's ``ResidualVQ`` (``rotation_trick=False``).
   ``r_{l+1} = r_l - sg(e_l)``, output ``sum_l (r_l + sg(e_l - r_l))``; d output / dx = L * I and
   every layer's commitment term reaches x.
+- ``"rotation"``: vector-quantize-pytorch's default (``rotation_trick=True``). As ``"layer_ste"``,
+  but each layer's output ``q_l`` (value ``e_l``) passes its gradient to ``r_l`` through the rotation
+  and rescaling that map ``r_l`` onto ``e_l`` (see :mod:`rqvae_fast.rotation`).
 """
 from __future__ import annotations
 
-SEED, FULL, LAYER_STE = 0, 1, 2
-GRAD_MODES = {"seed": SEED, "full": FULL, "layer_ste": LAYER_STE}
+SEED, FULL, LAYER_STE, ROTATION = 0, 1, 2, 3
+GRAD_MODES = {"seed": SEED, "full": FULL, "layer_ste": LAYER_STE, "rotation": ROTATION}
 
 
 def routing_id(grad_mode: str) -> int:
@@ -33,3 +36,8 @@ def commit_layers(routing: int, num_layers: int) -> int:
 def grad_out_scale(routing: int, num_layers: int) -> float:
     """d output / d input, as a multiple of the identity."""
     return float(num_layers) if routing == LAYER_STE else 1.0
+
+
+def forward_routing(routing: int) -> int:
+    """The routing the forward kernels run: the rotation trick's values are ``layer_ste``'s."""
+    return LAYER_STE if routing == ROTATION else routing

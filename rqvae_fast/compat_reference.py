@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .reference import _mse
 from .result import QuantizeResult
 
 NORM_EPS = 1e-6   # their clamp of vector norms (l2norm, safe_div)
@@ -79,9 +80,9 @@ def rotation_residual_quantize_reference(x: torch.Tensor, codebooks: Sequence[to
         sq = (codebook * codebook).sum(1)[None] - 2.0 * residual.detach() @ codebook.t()
         index = sq.argmin(dim=1)
         code = codebook[index]
-        loss = commitment_cost * F.mse_loss(residual, code.detach())
+        loss = commitment_cost * _mse(residual, code.detach())
         if codebook_loss:
-            loss = loss + F.mse_loss(code, residual.detach())
+            loss = loss + _mse(code, residual.detach())
         losses.append(loss)
         total = total + rotate_to(residual, code.detach())
         residual = residual - code.detach()

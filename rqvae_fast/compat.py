@@ -464,7 +464,7 @@ class ResidualVQ(nn.Module):
         if layered:
             quantized, all_indices, losses = forward_layers(
                 self, rows, active=active, beam=beam, temperature=temperature if sampling else 0.0,
-                freeze=freeze_codebook, masked=mask is not None)
+                freeze=freeze_codebook, row_select=select)
             quantized = quantized.to(rows.dtype)
         else:
             quantized, all_indices, losses = self._forward_fused(rows, active, freeze_codebook, sync)

@@ -43,13 +43,16 @@ def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
 
 
 def forward_layers(model, rows: torch.Tensor, *, active: int, beam: int, temperature: float,
-                   freeze: bool, masked: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   freeze: bool, row_select: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(quantized (n, D), indices (n, Q) int64 (-1 for dropped layers), losses (Q,) fp32)``.
 
     ``active`` layers run (quantize dropout), ``beam`` > 1 keeps that many partial paths per row,
-    ``temperature`` > 0 samples codes (Gumbel, torch's global generator), ``masked`` selects their
-    masked commitment target (see ``docs/COMPAT.md``).
+    ``temperature`` > 0 samples codes (Gumbel, torch's global generator), ``row_select (N,)`` bool
+    says which of the batch's rows ``rows`` are (a mask was given: their masked commitment target,
+    see ``docs/COMPAT.md``, and noise drawn for all rows).
     """
+    masked = row_select is not None
     training, cosine = model.training, model.use_cosine_sim
     n, dim = rows.shape
     q_count = model.num_quantizers
@@ -78,7 +81,8 @@ def forward_layers(model, rows: torch.Tensor, *, active: int, beam: int, tempera
                       else (x_t[:, None] * codes).sum(-1))
         else:
             logits = code_logits(x_t, embed, cosine)
-        pick = gumbel_pick(logits, temperature if training else 0.0, topk=k)
+        pick = gumbel_pick(logits, temperature if training else 0.0, topk=k,
+                           row_select=row_select if k is None else None)
         if mlp is not None:
             gather = pick if k is not None else pick[:, None]
             quantize = codes.gather(1, gather[..., None].expand(-1, -1, dim))

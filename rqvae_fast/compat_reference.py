@@ -51,14 +51,17 @@ def code_logits(rows: torch.Tensor, codebook: torch.Tensor, cosine: bool) -> tor
     return -sq.clamp(min=DIST_EPS).sqrt()
 
 
-def gumbel_pick(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None,
-                topk: Optional[int] = None) -> torch.Tensor:
-    """Argmax (or top-k, descending) of ``logits / temperature + Gumbel noise``; no noise when
-    ``temperature <= 0``. Noise from ``generator`` (torch's global one when None)."""
+def gumbel_pick(logits: torch.Tensor, temperature: float, topk: Optional[int] = None,
+                row_select: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Argmax (or top-k, descending) over the last dim of ``logits (n, K) / temperature`` plus
+    Gumbel noise from torch's global generator; no noise when ``temperature <= 0``. ``row_select
+    (N,)`` bool with ``n`` True entries: draw the noise for all ``N`` rows and keep the selected ones
+    (the draws of a masked batch then equal theirs, which draw for padding too)."""
     if temperature > 0:
-        uniform = torch.rand(logits.shape, generator=generator, device=logits.device,
-                             dtype=logits.dtype) if generator is not None else \
-            torch.zeros_like(logits).uniform_(0, 1)
+        shape = logits.shape if row_select is None else (row_select.shape[0], logits.shape[1])
+        uniform = logits.new_zeros(shape).uniform_(0, 1)
+        if row_select is not None:
+            uniform = uniform[row_select]
         noise = -torch.log((-torch.log(uniform.clamp(min=1e-20))).clamp(min=1e-20))
         logits = logits / temperature + noise
     if topk is None:

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="move codebooks by EMA instead of gradients")
     model.add_argument("--decay", type=float, default=0.99, metavar="D",
                        help="EMA decay (with --ema)")
-    model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste"), default="seed",
+    model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste", "rotation"), default="seed",
                        help="gradient routing through the quantizer (see README)")
     train = fit.add_argument_group("training")
     train.add_argument("--epochs", type=_positive_int, default=20, metavar="N",

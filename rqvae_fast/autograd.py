@@ -9,7 +9,7 @@ reuses what the forward produced (``g_l`` = gradient of ``layer_losses[l]``):
   for ``grad_mode="seed"``, ``C = {0..L-1}`` otherwise, ``s = L`` for ``"layer_ste"``, else 1
   (see :mod:`rqvae_fast.routing`); one elementwise pass rebuilding ``r_l`` from the saved indices.
   ``grad_mode="rotation"`` replaces ``s g_q`` by the sum of the layers' rotated gradients
-  (:mod:`rqvae_fast.rotation`, chunked PyTorch).
+  (:mod:`rqvae_fast.rotation`, chunked PyTorch; ``kernels/rotation_grad.py`` on the Triton path).
 - codebook: ``grad_e_k = g_l * 2 / (N D) * (count_k e_k - sum_k)`` from the forward's per-code
   counts and residual sums, when the loss holds codebook terms.
 """
@@ -56,7 +56,12 @@ class ResidualQuantizeFunction(torch.autograd.Function):
         grad_x = grad_codes = None
         if ctx.needs_input_grad[0]:
             coef = (grad_losses * (2.0 * ctx.commitment_cost * ctx.inv_count)).contiguous()
-            if ctx.routing_mode == routing.ROTATION:  # chunked PyTorch pass (no Triton kernel yet)
+            if ctx.routing_mode == routing.ROTATION and ctx.triton_path:
+                from .kernels.rotation_grad import rotation_input_grad_triton
+
+                grad_x = rotation_input_grad_triton(
+                    grad_quantized, x, codes, backend.layer_starts(list(layer_sizes), x), indices, coef)
+            elif ctx.routing_mode == routing.ROTATION:  # chunked PyTorch pass
                 grad_x = rotation_input_grad(grad_quantized, x, codes, layer_sizes, indices, coef)
             else:
                 grad_x = backend.fused_input_grad(

@@ -30,6 +30,7 @@ import torch.nn as nn
 from . import distributed
 from .compat_layers import ImplicitCodebookMLP, forward_layers
 from .compat_reference import l2norm
+from .cosine import CosineQuantizeFunction
 from .functional import residual_quantize
 
 __all__ = ["ResidualVQ", "GroupedResidualVQ", "ema_track_", "ema_codebook_", "kmeans"]
@@ -459,9 +460,12 @@ class ResidualVQ(nn.Module):
         beam = 1 if beam is None else beam
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
         sampling = self.stochastic_sample_codes and self.training and temperature > 0
-        layered = (beam > 1 or sampling or self.implicit_neural_codebook or self.use_cosine_sim
-                   or self.shared_codebook or self.quant_grad_frac > 0)
-        if layered:
+        layered = (beam > 1 or sampling or self.implicit_neural_codebook or self.shared_codebook
+                   or self.quant_grad_frac > 0 or (self.use_cosine_sim and self._needs_init))
+        if self.use_cosine_sim and not layered:
+            quantized, all_indices, losses = self._forward_cosine(
+                rows, active, freeze_codebook, sync, raw_target=mask is not None)
+        elif layered:
             quantized, all_indices, losses = forward_layers(
                 self, rows, active=active, beam=beam, temperature=temperature if sampling else 0.0,
                 freeze=freeze_codebook, row_select=select)
@@ -500,6 +504,63 @@ class ResidualVQ(nn.Module):
         if multiple != 1:
             cutoff = math.ceil((cutoff + 1) / multiple) * multiple - 1
         return min(cutoff + 1, self.num_quantizers)
+
+    def _forward_cosine(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool,
+                        raw_target: bool):
+        """``use_cosine_sim``: indices from the fused search (unit codes), losses, statistics and the
+        input gradient from :class:`rqvae_fast.cosine.CosineQuantizeFunction`; then the EMA step."""
+        layers = list(self.layers[:active])
+        books = [layer.codebook.detach() for layer in layers]
+        sizes = tuple(layer.codebook_size for layer in layers)
+        with torch.no_grad():
+            indices = residual_quantize(rows.detach(), books, 0.0, grad_mode="layer_ste",
+                                        codebook_loss=False, precision=self.precision,
+                                        backend=self.backend, check_finite=self.check_finite,
+                                        compute_stats=False).indices
+        codes = torch.cat(books)
+        weight = self.commitment_weight
+        if self.training:
+            quantized, losses, counts, sums = CosineQuantizeFunction.apply(
+                rows, codes, sizes, indices, weight, self.rotation_trick, raw_target)
+            if weight <= 0:
+                losses = torch.zeros_like(losses)
+        else:
+            with torch.no_grad():
+                quantized, losses, counts, sums = CosineQuantizeFunction.apply(
+                    rows, codes, sizes, indices, weight, False, raw_target)
+            losses = torch.zeros_like(losses)
+        if self.training and not freeze_codebook and (self.ema_update or self.threshold_ema_dead_code > 0):
+            self._cosine_codebook_step(rows.detach(), layers, indices, counts, sums, sync)
+        dropped = self.num_quantizers - active
+        if dropped:
+            indices = torch.cat((indices, indices.new_full((indices.shape[0], dropped), -1)), dim=1)
+            losses = torch.cat((losses, losses.new_zeros(dropped)))
+        return quantized, indices, losses
+
+    @torch.no_grad()
+    def _cosine_codebook_step(self, rows, layers, indices, counts, sums, sync: bool) -> None:
+        """EMA step of every active layer from the normalised inputs' statistics (one all-reduce when
+        synced), then dead codes re-seeded from each layer's normalised inputs (rebuilt)."""
+        sizes = [layer.codebook_size for layer in layers]
+        counts, sums = counts.split(sizes), sums.split(sizes)
+        if sync:
+            counts, sums = distributed.all_reduce_code_stats(counts, sums)
+        if float(counts[0].sum()) == 0.0:
+            return
+        before = [layer.codebook.detach().clone() for layer in layers]
+        for layer, layer_counts, layer_sums in zip(layers, counts, sums):
+            book = layer._codebook
+            ema_track_(book.cluster_size[0], book.embed_avg[0], layer_counts, layer_sums, self.decay)
+            if self.ema_update:
+                ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps,
+                              cosine=True)
+        if self.threshold_ema_dead_code <= 0:
+            return
+        finite = indices[:, 0] >= 0
+        residual, chosen = rows[finite].float(), indices[finite]
+        for layer_id, layer in enumerate(layers):
+            self._reseed_dead(layer._codebook, residual)  # normalises the rows itself
+            residual = residual - before[layer_id][chosen[:, layer_id]].float()
 
     def _forward_fused(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool):
         """All active layers in one fused pass; returns ``(quantized (n, d), indices (n, Q), losses (Q,))``."""

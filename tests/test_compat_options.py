@@ -236,3 +236,36 @@ def test_bad_option_values_name_the_option(kwargs, match):
 def test_grouped_bad_dim():
     with pytest.raises(ValueError, match="groups"):
         GroupedResidualVQ(dim=10, groups=3, num_quantizers=2, codebook_size=4)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("rotation", [True, False])
+def test_cosine_on_the_fused_search_equals_the_layer_by_layer_oracle(masked, rotation):
+    import copy
+
+    from rqvae_fast.compat_layers import forward_layers
+
+    torch.manual_seed(0)
+    fused = ResidualVQ(dim=10, codebook_size=(16, 7, 9), use_cosine_sim=True, rotation_trick=rotation,
+                       decay=0.6).train()
+    oracle = copy.deepcopy(fused)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 37, 10, generator=gen) * 3
+    g = torch.randn(1, 37, 10, generator=gen)
+    mask = (torch.rand(1, 37, generator=gen) > 0.3) if masked else None
+    xf, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q1, i1, l1 = fused(xf, mask=mask)
+    rows = xo[0][mask[0]] if masked else xo[0]
+    q2, i2, l2 = forward_layers(oracle, rows, active=3, beam=1, temperature=0.0, freeze=False,
+                                row_select=mask.reshape(-1) if masked else None)
+    q1r = q1[0][mask[0]] if masked else q1[0]
+    i1r = i1[0][mask[0]] if masked else i1[0]
+    assert torch.equal(i1r, i2)
+    torch.testing.assert_close(q1r, q2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    gr = g[0][mask[0]] if masked else g[0]
+    ((q1 * g).sum() + l1.sum()).backward()
+    ((q2 * gr).sum() + l2.sum()).backward()
+    torch.testing.assert_close(xf.grad, xo.grad, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused.state_dict().values(), oracle.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -31,6 +31,7 @@ from . import distributed
 from .compat_layers import ImplicitCodebookMLP, forward_layers
 from .compat_reference import l2norm
 from .cosine import CosineQuantizeFunction
+from ._validation import check_finite as _check_finite
 from .functional import residual_quantize
 
 __all__ = ["ResidualVQ", "GroupedResidualVQ", "ema_track_", "ema_codebook_", "kmeans"]
@@ -453,6 +454,8 @@ class ResidualVQ(nn.Module):
         if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
             raise ValueError(f"beam_size must be None or an int >= 1, got {beam_size!r}")
         rows, select, lead_shape = self._rows(x, mask)
+        if self.check_finite:
+            _check_finite(rows.detach(), "inputs (after project_in)")
         sync = distributed.should_sync(self.sync_codebook)
         active = self._active_layers(rows.device, rand_quantize_dropout_fixed_seed)
         beam = beam_size if beam_size is not None else (

@@ -269,3 +269,12 @@ def test_cosine_on_the_fused_search_equals_the_layer_by_layer_oracle(masked, rot
     torch.testing.assert_close(xf.grad, xo.grad, atol=1e-5, rtol=1e-5)
     for a, b in zip(fused.state_dict().values(), oracle.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option", [dict(shared_codebook=True), dict(use_cosine_sim=True), dict()])
+def test_check_finite_names_the_bad_row_on_every_path(option):
+    model = ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, check_finite=True, **option)
+    x = torch.randn(1, 6, 4)
+    x[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="first bad row: 3"):
+        model(x)

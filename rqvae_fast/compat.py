@@ -463,7 +463,9 @@ class ResidualVQ(nn.Module):
         beam = 1 if beam is None else beam
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
         sampling = self.stochastic_sample_codes and self.training and temperature > 0
-        layered = (beam > 1 or sampling or self.implicit_neural_codebook or self.shared_codebook
+        shared_layered = self.shared_codebook and (
+            self.threshold_ema_dead_code > 0 or self.use_cosine_sim or self._needs_init)
+        layered = (beam > 1 or sampling or self.implicit_neural_codebook or shared_layered
                    or self.quant_grad_frac > 0 or (self.use_cosine_sim and self._needs_init))
         if self.use_cosine_sim and not layered:
             quantized, all_indices, losses = self._forward_cosine(
@@ -602,6 +604,12 @@ class ResidualVQ(nn.Module):
             quantized = self._sum_codes(result.indices, books).to(rows.dtype)
         if update:
             self._update_codebooks(rows.detach(), result, sync, layers)
+        if self.training and self.shared_codebook and self.ema_update:
+            # one codebook under every layer: the layers added their statistics in turn (above);
+            # the codes move once, at the end of the call (even when frozen, as theirs)
+            book = self.layers[0]._codebook
+            with torch.no_grad():
+                ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps)
         indices = result.indices
         dropped = self.num_quantizers - active
         if dropped:
@@ -700,7 +708,7 @@ class ResidualVQ(nn.Module):
         for layer, layer_counts, layer_sums in zip(layers, counts, sums):
             cb = layer._codebook
             ema_track_(cb.cluster_size[0], cb.embed_avg[0], layer_counts, layer_sums, self.decay)
-            if self.ema_update:
+            if self.ema_update and not self.shared_codebook:
                 ema_codebook_(cb.embed.data[0], cb.cluster_size[0], cb.embed_avg[0], self.eps)
         if before is not None:
             self._expire_codes(rows, result.indices, before, sync, layers)

@@ -150,7 +150,9 @@ def forward_layers(model, rows: torch.Tensor, *, active: int, beam: int, tempera
         layer_losses = torch.stack(losses + [rows.new_zeros(())] * (q_count - active)) \
             if q_count > active else torch.stack(losses)
     if training and model.shared_codebook:
-        all_inputs = torch.cat([t[:, 0].detach().float() for t in inputs]) if inputs else rows.new_zeros((0, dim))
+        # row-major over (row, layer), the order theirs samples from
+        all_inputs = (torch.stack([t[:, 0].detach().float() for t in inputs], dim=1).reshape(-1, dim)
+                      if inputs else rows.new_zeros((0, dim)))
         model._shared_codebook_finish(all_inputs)
     return total[:, 0], indices, layer_losses
 

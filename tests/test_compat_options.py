@@ -41,7 +41,7 @@ def one_step(model, x, grad, mask=None, **forward):
 
 
 def compare(make_theirs, make_ours, *, dim, train=True, masked=False, seed=0, skip_state=(),
-            **forward):
+            batch=3, **forward):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -49,9 +49,9 @@ def compare(make_theirs, make_ours, *, dim, train=True, masked=False, seed=0, sk
     ours = make_ours().train(train)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(3, 41, dim, generator=gen) * 2
-    grad = torch.randn(3, 41, dim, generator=gen)
-    mask = (torch.rand(3, 41, generator=gen) > 0.3) if masked else None
+    x = torch.randn(batch, 41, dim, generator=gen) * 2
+    grad = torch.randn(batch, 41, dim, generator=gen)
+    mask = (torch.rand(batch, 41, generator=gen) > 0.3) if masked else None
     results = []
     for model in (theirs, ours):
         torch.manual_seed(seed + 2)  # same global generator state for sampling / dropout draws
@@ -98,6 +98,19 @@ def test_training_step_parity(case, masked):
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     compare(lambda: TheirRVQ(**kwargs), lambda: ResidualVQ(**kwargs), dim=kwargs["dim"],
             masked=masked)
+
+
+@needs_vqp
+@pytest.mark.parametrize("case", [
+    # straight-through for the shared case: there a row nearly opposite its code makes their
+    # rotated value (ours: the code exactly) round off by ~1e-3 relative
+    dict(threshold_ema_dead_code=2),
+    dict(threshold_ema_dead_code=2, shared_codebook=True, rotation_trick=False),
+    dict(threshold_ema_dead_code=2, use_cosine_sim=True), dict(kmeans_init=True, use_cosine_sim=True)])
+def test_dead_codes_and_cosine_kmeans_parity_with_the_same_random_draws(case):
+    # one sequence per batch: with B > 1 their shared-codebook re-seed samples the first sequence only
+    kwargs = {**BASE, **case}
+    compare(lambda: TheirRVQ(**kwargs), lambda: ResidualVQ(**kwargs), dim=kwargs["dim"], batch=1)
 
 
 @needs_vqp

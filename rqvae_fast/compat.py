@@ -5,11 +5,13 @@
 ...                  kmeans_init=True, threshold_ema_dead_code=2)
 >>> quantized, indices, commit_losses = rvq(x)            # x (B, N, 256), optional mask (B, N)
 
-Quantization runs all layers in one fused pass (:func:`rqvae_fast.functional.residual_quantize`,
-``grad_mode="layer_ste"``), which is vector-quantize-pytorch's gradient routing with
-``rotation_trick=False``: with ``r_0 = project_in(x)``, ``r_{l+1} = r_l - sg(e_l)`` and output
-``project_out(sum_l (r_l + sg(e_l - r_l)))``, so d(output)/d(r_0) = Q * I (a Q-times straight-through
-gradient) and layer ``l``'s commitment loss ``w * mean((r_l - sg(e_l))^2)`` reaches the input.
+Defaults are theirs, including the rotation trick (``rotation_trick=None``: on when
+``codebook_dim > 1``). The defaults, ``rotation_trick=False``, learnable codebooks, masks, quantize
+dropout and shared codebooks without dead-code reset run all active layers in one fused pass
+(:func:`rqvae_fast.functional.residual_quantize` with ``grad_mode="rotation"`` or ``"layer_ste"``);
+``use_cosine_sim`` uses the fused search plus one chunked pass (:mod:`rqvae_fast.cosine`); beam
+search, Gumbel sampling, implicit neural codebooks, ``quant_grad_frac`` and shared codebooks with
+dead-code reset go layer by layer (:mod:`rqvae_fast.compat_layers`), as their code does.
 
 The ``state_dict`` has the same keys and shapes as vector-quantize-pytorch's ``ResidualVQ`` (
 ``layers.{l}._codebook.{initted, cluster_size, embed_avg, embed}``, ``project_in``/``project_out``), so
@@ -205,23 +207,27 @@ class _Layer(nn.Module):
 
 
 class ResidualVQ(nn.Module):
-    """vector-quantize-pytorch's ``ResidualVQ`` (``rotation_trick=False``) on the fused quantizer.
+    """vector-quantize-pytorch's ``ResidualVQ`` on the fused quantizer (see the module docstring).
 
     Constructor (their names and defaults): ``dim``, ``num_quantizers``, ``codebook_size`` (int, or a
     per-layer tuple), ``codebook_dim`` (``Linear`` projections in/out when != ``dim``), ``decay``
     (0.8), ``eps``, ``commitment_weight`` (1.0), ``kmeans_init``, ``kmeans_iters`` (10),
     ``threshold_ema_dead_code`` (0: off), ``learnable_codebook`` (False), ``ema_update`` (default:
     ``not learnable_codebook``), ``sync_codebook`` (None: sync when a process group with more than
-    one rank is initialised), ``return_zeros_for_masked_padding`` (True). Their other options are
-    accepted only at the value that switches them off; any other value raises ``ValueError``
-    naming it, an unknown name raises ``TypeError``. Ours (keyword-only): ``precision``,
-    ``backend``, ``check_finite`` as in :func:`rqvae_fast.functional.residual_quantize`.
+    one rank is initialised), ``return_zeros_for_masked_padding`` (True), ``rotation_trick`` (None:
+    ``codebook_dim > 1``), ``use_cosine_sim``, ``quantize_dropout`` (+ ``_cutoff_index``,
+    ``_multiple_of``), ``shared_codebook``, ``stochastic_sample_codes``, ``sample_codebook_temp``,
+    ``implicit_neural_codebook``, ``mlp_kwargs``, ``beam_size``, ``eval_beam_size``,
+    ``beam_score_quantizer_weights``, ``quant_grad_frac``. Their other options are accepted only at
+    the value that switches them off; any other value raises ``ValueError`` naming it, an unknown
+    name raises ``TypeError``. Ours (keyword-only): ``precision``, ``backend``, ``check_finite``
+    as in :func:`rqvae_fast.functional.residual_quantize`.
 
     ``forward(x (B, N, dim) or (B, dim), mask=None (B, N) bool)`` returns ``(quantized`` like ``x``,
     ``indices (B, N, Q)`` int64 (``-1`` where masked out or where a row holds NaN/Inf),
     ``commit_losses (Q,)`` fp32``)``; ``return_all_codes=True`` adds ``codes (Q, B, N, codebook_dim)``.
-    In training mode each layer's loss is ``commitment_weight * mean((r_l - e_l)^2)`` over the
-    unmasked rows, and the codebooks update after the batch was assigned (EMA, then dead-code
+    Layers dropped by quantize dropout get index -1 and loss 0. In training mode each layer's loss
+    is ``commitment_weight * mean((r_l - e_l)^2)`` over the unmasked rows, and the codebooks update after the batch was assigned (EMA, then dead-code
     re-seeding); in eval mode the losses are zeros and the output carries no input gradient.
     """
 

@@ -59,12 +59,31 @@ def _duplicate_remap(codebook: torch.Tensor) -> Optional[torch.Tensor]:
     return None if torch.equal(canonical, identity) else canonical
 
 
+def first_argmin_(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``scores.argmin(dim=1)`` (``(rows,)`` int64, ties to the lowest index), overwriting
+    ``scores (rows, K)`` fp32; ``positions`` is ``arange(K)`` in fp32.
+
+    ATen's arg-reductions walk the row one element at a time; this takes four vectorized passes
+    instead: the row minimum, ``[score > minimum]``, ``k + K * that`` (exact in fp32 for
+    K < 2^23), and its minimum, which is the lowest k holding the minimum. Rows whose minimum is
+    not finite (NaN or infinite scores) go to ``argmin`` itself, so the result is always argmin's.
+    """
+    num_codes = scores.shape[1]
+    minimum = scores.amin(dim=1, keepdim=True)
+    if num_codes >= 1 << 22 or not bool(torch.isfinite(minimum).all()):
+        return scores.argmin(dim=1)
+    torch.gt(scores, minimum, out=scores)
+    torch.add(positions, scores, alpha=num_codes, out=scores)
+    return scores.amin(dim=1).long()
+
+
 class _Layer(NamedTuple):
     codebook: torch.Tensor           # (K_l, D) fp32, what the outputs use
     search_t: torch.Tensor           # (D, K_l) fp32 view, what the scores use (bf16-rounded for bf16)
     sq_norms: torch.Tensor           # (K_l,) fp32, +inf for non-finite codes
     remap: Optional[torch.Tensor]    # (K_l,) int64 first-copy map, None without duplicates
     start: int                       # offset of the layer's codes in the stacked statistics
+    positions: torch.Tensor          # (K_l,) fp32 arange, for first_argmin_
 
 
 class _ChunkSums(NamedTuple):
@@ -112,7 +131,7 @@ def _forward_chunk(x_chunk: torch.Tensor, layers: Sequence[_Layer], *, routing: 
     for number, layer in enumerate(layers):
         lhs = residual.bfloat16().float() if bf16 else residual
         scores = torch.addmm(layer.sq_norms, lhs, layer.search_t, alpha=-2.0)
-        best = scores.argmin(dim=1)
+        best = first_argmin_(scores, layer.positions)
         del scores
         if layer.remap is not None:
             best = layer.remap.index_select(0, best)
@@ -163,7 +182,8 @@ def residual_quantize_forward(
     codebooks = codes.float().split(sizes)
     searched = [(c.bfloat16().float() if bf16 else c.float()) for c in search_codes.split(sizes)]
     starts = [sum(sizes[:layer]) for layer in range(len(sizes))]
-    layers = [_Layer(book, s.t(), norms, _duplicate_remap(book), start)
+    layers = [_Layer(book, s.t(), norms, _duplicate_remap(book), start,
+                     torch.arange(book.shape[0], dtype=torch.float32, device=x.device))
               for book, s, norms, start in zip(codebooks, searched, sq_norms.split(sizes), starts)]
 
     quantized = torch.empty_like(x)

@@ -18,10 +18,11 @@ usual intra-op threads), ``n > 1`` forces ``n`` workers; unset, ``torch.get_num_
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -29,6 +30,7 @@ WORKERS_ENV = "RQVAE_FAST_CPU_WORKERS"
 _local = threading.local()  # ``in_worker`` is True on the pool's own threads
 _pools: Dict[int, "ChunkPool"] = {}
 _pools_lock = threading.Lock()
+_forced: Optional[int] = None  # set by :func:`use_workers`
 
 
 class _Job:
@@ -115,6 +117,8 @@ def worker_count() -> int:
     """How many workers a chunked pass started from this thread would use (1 = no pool)."""
     if getattr(_local, "in_worker", False):
         return 1
+    if _forced is not None:
+        return _forced
     setting = os.environ.get(WORKERS_ENV, "").strip()
     if setting:
         try:
@@ -122,6 +126,20 @@ def worker_count() -> int:
         except ValueError:
             raise ValueError(f"{WORKERS_ENV} must be an integer, got {setting!r}") from None
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def use_workers(count: Optional[int]) -> Iterator[None]:
+    """Within the block, chunked passes use ``count`` workers (1: none, ops on the calling thread
+    with the usual intra-op threads; None: the default). Process-wide; for benchmarks and tests."""
+    global _forced
+    if count is not None and count < 1:
+        raise ValueError(f"count must be >= 1 or None, got {count}")
+    previous, _forced = _forced, count
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 def get_pool(size: int) -> ChunkPool:
@@ -151,6 +169,7 @@ def _forget_pools_in_child() -> None:
     global _pools_lock
     _pools.clear()  # the threads did not survive the fork
     _pools_lock = threading.Lock()
+_forced: Optional[int] = None  # set by :func:`use_workers`
 
 
 if hasattr(os, "register_at_fork"):

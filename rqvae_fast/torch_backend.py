@@ -182,9 +182,16 @@ def residual_quantize_forward(
     codebooks = codes.float().split(sizes)
     searched = [(c.bfloat16().float() if bf16 else c.float()) for c in search_codes.split(sizes)]
     starts = [sum(sizes[:layer]) for layer in range(len(sizes))]
-    layers = [_Layer(book, s.t(), norms, _duplicate_remap(book), start,
-                     torch.arange(book.shape[0], dtype=torch.float32, device=x.device))
-              for book, s, norms, start in zip(codebooks, searched, sq_norms.split(sizes), starts)]
+    norms = sq_norms.split(sizes)
+    remaps: List[Optional[torch.Tensor]] = [None] * len(sizes)
+
+    def find_duplicates(layer: int) -> None:  # on the workers too: no small parallel op here
+        remaps[layer] = _duplicate_remap(codebooks[layer])
+
+    cpu_pool.run_chunks(len(sizes), find_duplicates, device=x.device)
+    layers = [_Layer(codebooks[i], searched[i].t(), norms[i], remaps[i], starts[i],
+                     torch.arange(sizes[i], dtype=torch.float32, device=x.device))
+              for i in range(len(sizes))]
 
     quantized = torch.empty_like(x)
     indices = torch.empty((n, len(sizes)), dtype=torch.int64, device=x.device)

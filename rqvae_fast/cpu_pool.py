@@ -13,8 +13,13 @@ writes OpenMP's per-thread ICV and MKL's thread-local count). The same call also
 process-wide default, which the thread that creates the pool restores at once; the pool is created
 once per thread count and process, so the user's setting is left as it was.
 
+Python runs each op's few microseconds of glue under the GIL, so beyond ``MAX_WORKERS`` workers the
+GIL, not the cores, would set the pace: with more intra-op threads than that, ``MAX_WORKERS``
+workers share them (``threads // MAX_WORKERS`` intra-op threads each).
+
 ``RQVAE_FAST_CPU_WORKERS``: ``0`` or ``1`` runs the chunks on the calling thread (ops use the
-usual intra-op threads), ``n > 1`` forces ``n`` workers; unset, ``torch.get_num_threads()``.
+usual intra-op threads), ``n > 1`` forces ``n`` workers; unset, ``torch.get_num_threads()``
+capped at ``MAX_WORKERS``.
 """
 from __future__ import annotations
 
@@ -22,13 +27,14 @@ import contextlib
 import os
 import queue
 import threading
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 WORKERS_ENV = "RQVAE_FAST_CPU_WORKERS"
+MAX_WORKERS = 8
 _local = threading.local()  # ``in_worker`` is True on the pool's own threads
-_pools: Dict[int, "ChunkPool"] = {}
+_pools: Dict[Tuple[int, int], "ChunkPool"] = {}
 _pools_lock = threading.Lock()
 _forced: Optional[int] = None  # set by :func:`use_workers`
 
@@ -72,10 +78,11 @@ class _Job:
 
 
 class ChunkPool:
-    """``size`` daemon threads with one intra-op thread each; :meth:`run` spreads a job over them."""
+    """``size`` daemon threads with ``threads_each`` intra-op threads each; :meth:`run` spreads a
+    job over them."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, threads_each: int = 1):
+        self.size, self.threads_each = size, threads_each
         self.pid = os.getpid()
         self._tasks: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
         caller_threads = torch.get_num_threads()
@@ -85,12 +92,12 @@ class ChunkPool:
         for thread in self._threads:
             thread.start()
         ready.wait()
-        torch.set_num_threads(caller_threads)  # the workers' set_num_threads(1) also wrote the global default
+        torch.set_num_threads(caller_threads)  # the workers' set_num_threads also wrote the global default
 
     def _work(self, ready: threading.Barrier) -> None:
         _local.in_worker = True
         torch.get_num_threads()  # ATen's lazy per-thread init first, so it cannot undo the next line later
-        torch.set_num_threads(1)
+        torch.set_num_threads(self.threads_each)
         ready.wait()
         while True:
             job = self._tasks.get()
@@ -125,7 +132,7 @@ def worker_count() -> int:
             return max(1, int(setting))
         except ValueError:
             raise ValueError(f"{WORKERS_ENV} must be an integer, got {setting!r}") from None
-    return torch.get_num_threads()
+    return min(torch.get_num_threads(), MAX_WORKERS)
 
 
 @contextlib.contextmanager
@@ -143,14 +150,17 @@ def use_workers(count: Optional[int]) -> Iterator[None]:
 
 
 def get_pool(size: int) -> ChunkPool:
-    """The process's pool of ``size`` workers, created on first use (and again after a fork)."""
+    """The process's pool of ``size`` workers, created on first use (and again after a fork or
+    when the caller's thread count changed); each worker gets an equal share of the caller's
+    intra-op threads, at least one."""
+    key = (size, max(1, torch.get_num_threads() // size))
     with _pools_lock:
-        pool = _pools.get(size)
+        pool = _pools.get(key)
         if pool is None or pool.pid != os.getpid():
             for other in _pools.values():  # a job queued before the stop signal still runs
                 other.close()
             _pools.clear()
-            pool = _pools[size] = ChunkPool(size)
+            pool = _pools[key] = ChunkPool(*key)
         return pool
 
 

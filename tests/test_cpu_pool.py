@@ -79,7 +79,8 @@ def test_pool_leaves_the_callers_thread_settings_alone():
 
     pool.run(6, record)
     assert torch.get_num_threads() == before
-    assert seen and all(threads == 1 and nested == 1 for threads, nested in seen)
+    share = max(1, before // 2)  # each worker gets an equal share of the caller's threads
+    assert seen and all(threads == share and nested == 1 for threads, nested in seen)
 
 
 def test_a_worker_error_reaches_the_caller_and_the_pool_still_works():

@@ -70,6 +70,13 @@ def _timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _timed_with_cpu(fn: Callable[[], object]) -> tuple:
+    """``(wall ms, CPU ms of all this process's threads)`` of one call."""
+    cpu = time.process_time()
+    wall = _timed(fn)
+    return wall, (time.process_time() - cpu) * 1e3
+
+
 def _step_with_workers(case: pa.Case, workers: Optional[int]) -> Callable[[], object]:
     def step():
         with cpu_pool.use_workers(workers):
@@ -166,12 +173,16 @@ def run_vs_plain_ops(n: int, dims: Sequence[int], k: int, layers: int, *, reps: 
             plain = lambda: plain_ops_forward(x, codes, sizes, with_stats)  # noqa: E731
             same = torch.equal(fused()[1], plain()[1])
             times = {"fused": [], "plain": []}
+            cpu = {"fused": [], "plain": []}
             for _ in range(reps):
-                times["fused"].append(_timed(fused))
-                times["plain"].append(_timed(plain))
+                for name, fn in (("fused", fused), ("plain", plain)):
+                    wall, used = _timed_with_cpu(fn)
+                    times[name].append(wall)
+                    cpu[name].append(used)
             f_ms, p_ms = _median(times["fused"]), _median(times["plain"])
             rows.append({"N": n, "D": dim, "K": k, "L": layers, "stats": with_stats,
                          "fused_ms": f_ms, "plain_ms": p_ms, "speedup": p_ms / f_ms,
+                         "fused_cpu_ms": _median(cpu["fused"]), "plain_cpu_ms": _median(cpu["plain"]),
                          "same_indices": same, "fused_all": times["fused"],
                          "plain_all": times["plain"]})
             if log is not None:
@@ -180,14 +191,16 @@ def run_vs_plain_ops(n: int, dims: Sequence[int], k: int, layers: int, *, reps: 
 
 
 def format_vs_plain_ops(rows: Sequence[dict], *, markdown: bool = False) -> str:
+    """Per D: wall ms (median) of both, their ratio, and the CPU ms (all threads) each used."""
     head = ["D", "fused ms", "plain ms", "plain/fused", "fused+stats ms", "plain+stats ms",
-            "plain/fused (stats)", "same indices"]
+            "plain/fused (stats)", "CPU ms fused / plain", "same indices"]
     lines = []
     for dim in dict.fromkeys(r["D"] for r in rows):
         by = {r["stats"]: r for r in rows if r["D"] == dim}
         a, b = by[False], by[True]
         lines.append([str(dim), f"{a['fused_ms']:.4g}", f"{a['plain_ms']:.4g}", f"{a['speedup']:.2f}x",
                       f"{b['fused_ms']:.4g}", f"{b['plain_ms']:.4g}", f"{b['speedup']:.2f}x",
+                      f"{a['fused_cpu_ms']:.4g} / {a['plain_cpu_ms']:.4g}",
                       "yes" if a["same_indices"] and b["same_indices"] else "no"])
     return _table(head, lines, markdown)
 

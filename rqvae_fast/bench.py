@@ -3,6 +3,8 @@
     python -m rqvae_fast.bench                      # all providers x modes x default shapes
     python -m rqvae_fast.bench --quick              # tiny shapes, no torch.compile (seconds)
     python -m rqvae_fast.bench --sweep both --plot runs/scaling.png
+    python -m rqvae_fast.bench --contention        # CPU: idle vs one busy process (rqvae_fast.bench_cpu)
+    python -m rqvae_fast.bench --vs-plain-ops      # CPU: fused pass vs plain ops over D
 
 Per (shape, mode) it prints, for each provider: median ms, TFLOP/s and GB/s against the work model
 of :mod:`rqvae_fast.roofline`, the % of the roofline for the precision (ceilings measured at start:

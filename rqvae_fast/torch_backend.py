@@ -53,8 +53,11 @@ def first_copy_index(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def _duplicate_remap(codebook: torch.Tensor) -> Optional[torch.Tensor]:
-    """:func:`first_copy_index`, or None when the codebook holds no exact duplicate (no remap)."""
+    """:func:`first_copy_index`, or None when the codebook holds no exact duplicate (no remap).
+    Off the CPU the map is always kept: deciding would synchronize with the device."""
     canonical = first_copy_index(codebook)
+    if codebook.device.type != "cpu":
+        return canonical
     identity = torch.arange(canonical.shape[0], device=canonical.device)
     return None if torch.equal(canonical, identity) else canonical
 
@@ -69,6 +72,8 @@ def first_argmin_(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     not finite (NaN or infinite scores) go to ``argmin`` itself, so the result is always argmin's.
     """
     num_codes = scores.shape[1]
+    if scores.device.type != "cpu":  # the finiteness test below would synchronize with the device
+        return scores.argmin(dim=1)
     minimum = scores.amin(dim=1, keepdim=True)
     if num_codes >= 1 << 22 or not bool(torch.isfinite(minimum).all()):
         return scores.argmin(dim=1)
@@ -120,7 +125,8 @@ def _forward_chunk(x_chunk: torch.Tensor, layers: Sequence[_Layer], *, routing: 
     """One chunk through all layers: ``(output (rows, D) fp32, indices (rows, L) int64, sums)``."""
     rows = x_chunk.shape[0]
     # A finite sum proves every entry finite (one pass); otherwise find the bad rows exactly.
-    all_ok = bool(torch.isfinite(x_chunk.sum()))
+    # (On the CPU only: elsewhere that test would synchronize with the device.)
+    all_ok = x_chunk.device.type == "cpu" and bool(torch.isfinite(x_chunk.sum()))
     row_ok = None if all_ok else torch.isfinite(x_chunk).all(dim=1)
     ones = x_chunk.new_ones(rows) if with_stats and all_ok else None
     residual = x_chunk

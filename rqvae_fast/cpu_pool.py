@@ -8,9 +8,10 @@ that issues a few large ops). Here ``T`` worker threads (``T`` = the caller's
 ``torch.get_num_threads()``) take whole chunks from a shared counter and run every op of a chunk
 on one thread: no barrier per op, and a worker whose core is shared simply takes fewer chunks.
 
-Thread settings: with ATen's OpenMP backend every thread that runs a parallel op leads its own
-OpenMP team of ``torch.get_num_threads()`` threads, so ``T`` Python threads calling ops with default
-settings would run ``T * T`` threads on ``T`` cores. Each worker therefore sets *its own* intra-op
+Thread settings: with ATen's OpenMP backend a parallel op called from another Python thread gets
+an OpenMP team of that thread's own (libgomp keeps a thread pool per calling thread), so ``T``
+Python threads calling ops with default settings oversubscribe ``T`` cores (up to ``T * T``
+threads) and bring back the per-op barriers. Each worker therefore sets *its own* intra-op
 thread count to 1 (``torch.set_num_threads`` writes OpenMP's per-thread ICV and MKL's thread-local
 count; checked by ``tests/test_cpu_pool.py``). The same call also writes ATen's
 process-wide default, which the thread that creates the pool restores at once; the pool is created

@@ -54,6 +54,8 @@ class _Job:
         self.error: Optional[BaseException] = None
         self.lock = threading.Lock()
         self.done = threading.Event()
+        # The caller's inference mode, so workers may write into tensors it created.
+        self.inference = torch.is_inference_mode_enabled()
 
     def _take(self) -> Optional[int]:
         with self.lock:
@@ -107,7 +109,7 @@ class ChunkPool:
             job = self._tasks.get()
             if job is None:
                 return
-            with torch.no_grad():
+            with torch.inference_mode() if job.inference else torch.no_grad():
                 job.drain()
 
     def run(self, count: int, fn: Callable[[int], None]) -> None:

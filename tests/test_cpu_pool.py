@@ -67,6 +67,17 @@ def test_training_step_through_the_pool_matches_one_thread(small_chunks):
         assert torch.equal(a, b)
 
 
+def test_pool_runs_under_the_callers_inference_mode(small_chunks):
+    """Workers write into outputs the caller created: inference tensors under inference_mode."""
+    x, books = make_problem(500, 12, (20, 30), seed=4)
+    with cpu_pool.use_workers(1):
+        expected = residual_quantize(x, books, backend="torch", precision="ieee")
+    with cpu_pool.use_workers(2), torch.inference_mode():
+        got = residual_quantize(x, books, backend="torch", precision="ieee")
+    assert torch.equal(got.indices, expected.indices)
+    assert torch.equal(got.quantized, expected.quantized)
+
+
 def test_pool_leaves_the_callers_thread_settings_alone():
     before = torch.get_num_threads()
     pool = cpu_pool.get_pool(2)

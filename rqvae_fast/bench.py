@@ -3,6 +3,8 @@
     python -m rqvae_fast.bench                      # all providers x modes x default shapes
     python -m rqvae_fast.bench --quick              # tiny shapes, no torch.compile (seconds)
     python -m rqvae_fast.bench --sweep both --plot runs/scaling.png
+    python -m rqvae_fast.bench --contention        # CPU: idle vs one busy process (rqvae_fast.bench_cpu)
+    python -m rqvae_fast.bench --vs-plain-ops      # CPU: fused pass vs plain ops over D
 
 Per (shape, mode) it prints, for each provider: median ms, TFLOP/s and GB/s against the work model
 of :mod:`rqvae_fast.roofline`, the % of the roofline for the precision (ceilings measured at start:
@@ -602,6 +604,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="output JSON path (default runs/bench_<device>_<time>.json)")
     parser.add_argument("--markdown", help="also write the tables as Markdown to this path")
     parser.add_argument("--no-matrix", action="store_true", help="only the sweep")
+    cpu = parser.add_argument_group("CPU reports (instead of the matrix; see rqvae_fast.bench_cpu)")
+    cpu.add_argument("--contention", action="store_true",
+                     help="CPU: our PyTorch path (with and without its worker pool) and the seed's "
+                          "code, idle and with one competing busy process this command starts and "
+                          "stops; --reps rounds (default 7), first --shapes entry (default cpu)")
+    cpu.add_argument("--pin-busy", type=int, metavar="CPU",
+                     help="with --contention: pin the busy process to this CPU (default: not pinned)")
+    cpu.add_argument("--vs-plain-ops", action="store_true",
+                     help="CPU: the fused pass against plain addmm + argmin + index_add_ on the "
+                          "whole batch, for each D of --dims (N --plain-n, K 256, L 3)")
+    cpu.add_argument("--dims", help="with --vs-plain-ops: comma list of D (default 32,64,128,256,512,768,1024)")
+    cpu.add_argument("--plain-n", type=int, help="with --vs-plain-ops: rows N (default 32768)")
     return parser
 
 
@@ -626,6 +640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if resolved is None:
         return 2
     device, precision = resolved
+    if args.contention or args.vs_plain_ops:
+        device, precision = torch.device("cpu"), "ieee"
     stat = args.stat or ("clean" if device.type == "cpu" and runqueue_wait_ns() is not None
                          else "median")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -646,8 +662,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if meta["other_jobs_cpu_share_at_start"] > 0.1:
             log(f"warning: other processes use {100 * meta['other_jobs_cpu_share_at_start']:.0f}% "
                 "of the CPUs" + (": only undisturbed repetitions count (--stat clean)"
-                                 if stat == "clean" else ": timings will be noisy"))
+                                 if stat == "clean" and not (args.contention or args.vs_plain_ops)
+                                 else ": timings will be noisy"))
         load.start()
+    if args.contention or args.vs_plain_ops:
+        from .bench_cpu import main_cpu_report
+
+        return main_cpu_report("contention" if args.contention else "vs-plain-ops", args, meta,
+                               load, log)
     if args.ceilings == "measure":
         log("measuring ceilings (device copy, matmul per precision) ...")
         ceilings = measure_ceilings(device, quick=args.quick)

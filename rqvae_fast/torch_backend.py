@@ -1,19 +1,35 @@
 """The PyTorch implementation of the fused forward and input gradient (CPU, or no Triton).
 
-Same contract, outputs and arithmetic as ``rqvae_fast.kernels``: rows are processed in chunks so the
-``(chunk, K_l)`` score matrix stays cache-sized (about ``SCORES_PER_CHUNK`` entries) and memory does
-not grow with N beyond the outputs.
+Same contract, outputs and arithmetic as ``rqvae_fast.kernels``. Rows are processed in chunks so
+the ``(chunk, K_l)`` score matrix and the chunk's ``(chunk, D)`` temporaries stay cache-sized and
+memory does not grow with N beyond the outputs. On the CPU the chunks are spread over
+:mod:`rqvae_fast.cpu_pool`'s workers, one intra-op thread each (no barrier per op: robust when
+other processes share the cores). Results do not depend on the number of workers or on their
+timing: each chunk writes its own rows, and the per-chunk sums (loss terms, code statistics) are
+added in chunk order.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import threading
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from . import cpu_pool
 from .routing import FULL, SEED
 
-SCORES_PER_CHUNK = 1 << 19  # entries of one (rows, K_l) score matrix: 2 MiB of fp32, cache-sized
+SCORES_PER_CHUNK = 1 << 19  # fp32 entries of one chunk's scores + row temporaries: 2 MiB, cache-sized
 MIN_CHUNK_ROWS = 256
+MAX_CHUNK_ROWS = 4096
+ROW_TEMPORARIES = 4  # (rows, D) fp32 tensors live at once per chunk: residual, total, chosen, error
+
+
+def chunk_rows_for(dim: int, max_codes: int) -> int:
+    """Rows per chunk: ``rows * (K_max + ROW_TEMPORARIES * D) ~ SCORES_PER_CHUNK`` (at least
+    ``MIN_CHUNK_ROWS`` so each matmul stays efficient, at most ``MAX_CHUNK_ROWS``), and never
+    more than ``SCORES_PER_CHUNK // K_max`` unless that is below ``MIN_CHUNK_ROWS``."""
+    rows = SCORES_PER_CHUNK // max(1, max_codes + ROW_TEMPORARIES * dim)
+    return max(MIN_CHUNK_ROWS, min(rows, MAX_CHUNK_ROWS))
 
 
 def first_copy_index(codebook: torch.Tensor) -> torch.Tensor:
@@ -36,6 +52,121 @@ def first_copy_index(codebook: torch.Tensor) -> torch.Tensor:
     return canonical
 
 
+def _duplicate_remap(codebook: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`first_copy_index`, or None when the codebook holds no exact duplicate (no remap).
+    Off the CPU the map is always kept: deciding would synchronize with the device."""
+    canonical = first_copy_index(codebook)
+    if codebook.device.type != "cpu":
+        return canonical
+    identity = torch.arange(canonical.shape[0], device=canonical.device)
+    return None if torch.equal(canonical, identity) else canonical
+
+
+def first_argmin_(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``scores.argmin(dim=1)`` (``(rows,)`` int64, ties to the lowest index), overwriting
+    ``scores (rows, K)`` fp32; ``positions`` is ``arange(K)`` in fp32.
+
+    ATen's arg-reductions walk the row one element at a time; this takes four vectorized passes
+    instead: the row minimum, ``[score > minimum]``, ``k + K * that`` (exact in fp32 for
+    K < 2^23), and its minimum, which is the lowest k holding the minimum. Rows whose minimum is
+    not finite (NaN or infinite scores) go to ``argmin`` itself, so the result is always argmin's.
+    """
+    num_codes = scores.shape[1]
+    if scores.device.type != "cpu":  # the finiteness test below would synchronize with the device
+        return scores.argmin(dim=1)
+    minimum = scores.amin(dim=1, keepdim=True)
+    if num_codes >= 1 << 22 or not bool(torch.isfinite(minimum).all()):
+        return scores.argmin(dim=1)
+    torch.gt(scores, minimum, out=scores)
+    torch.add(positions, scores, alpha=num_codes, out=scores)
+    return scores.amin(dim=1).long()
+
+
+class _Layer(NamedTuple):
+    codebook: torch.Tensor           # (K_l, D) fp32, what the outputs use
+    search_t: torch.Tensor           # (D, K_l) fp32 view, what the scores use (bf16-rounded for bf16)
+    sq_norms: torch.Tensor           # (K_l,) fp32, +inf for non-finite codes
+    remap: Optional[torch.Tensor]    # (K_l,) int64 first-copy map, None without duplicates
+    start: int                       # offset of the layer's codes in the stacked statistics
+    positions: torch.Tensor          # (K_l,) fp32 arange, for first_argmin_
+
+
+class _ChunkSums(NamedTuple):
+    """What one chunk adds to the call's sums: ``sse (L,)`` and per layer the statistics'
+    ``(slot (rows,) int64, weight (rows,) fp32, residual (rows, D) fp32)``."""
+    sse: torch.Tensor
+    stats: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class _InOrderSums:
+    """Adds the chunks' sums into the outputs in chunk order whatever order the chunks finish in,
+    so every float sum is accumulated exactly as by one thread walking the rows in order."""
+
+    def __init__(self, sse: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor):
+        self.sse, self.counts, self.sums = sse, counts, sums
+        self.next = 0
+        self.waiting: Dict[int, _ChunkSums] = {}
+        self.lock = threading.Lock()
+
+    def add(self, chunk: int, part: _ChunkSums) -> None:
+        with self.lock:
+            self.waiting[chunk] = part
+            while self.next in self.waiting:
+                part = self.waiting.pop(self.next)
+                self.sse += part.sse
+                for slot, weight, residual in part.stats:
+                    self.counts.index_add_(0, slot, weight)
+                    self.sums.index_add_(0, slot, residual)
+                self.next += 1
+
+
+def _forward_chunk(x_chunk: torch.Tensor, layers: Sequence[_Layer], *, routing: int, bf16: bool,
+                   with_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, _ChunkSums]:
+    """One chunk through all layers: ``(output (rows, D) fp32, indices (rows, L) int64, sums)``."""
+    rows = x_chunk.shape[0]
+    # A finite sum proves every entry finite (one pass); otherwise find the bad rows exactly.
+    # (On the CPU only: elsewhere that test would synchronize with the device.)
+    all_ok = x_chunk.device.type == "cpu" and bool(torch.isfinite(x_chunk.sum()))
+    row_ok = None if all_ok else torch.isfinite(x_chunk).all(dim=1)
+    ones = x_chunk.new_ones(rows) if with_stats and all_ok else None
+    residual = x_chunk
+    total = torch.zeros_like(x_chunk)
+    indices = torch.empty((rows, len(layers)), dtype=torch.int64, device=x_chunk.device)
+    sse = x_chunk.new_empty(len(layers))
+    stats = []
+    for number, layer in enumerate(layers):
+        lhs = residual.bfloat16().float() if bf16 else residual
+        scores = torch.addmm(layer.sq_norms, lhs, layer.search_t, alpha=-2.0)
+        best = first_argmin_(scores, layer.positions)
+        del scores
+        if layer.remap is not None:
+            best = layer.remap.index_select(0, best)
+        chosen = layer.codebook.index_select(0, best)
+        if row_ok is not None:
+            chosen = torch.where(row_ok[:, None], chosen, float("nan"))
+        err = chosen - residual
+        sse[number] = (err * err).sum()
+        indices[:, number] = best if row_ok is None else torch.where(row_ok, best, -1)
+        if with_stats:
+            slot = best + layer.start
+            if row_ok is None:
+                stats.append((slot, ones, residual))
+            else:
+                stats.append((slot, row_ok.float(), torch.where(row_ok[:, None], residual, 0.0)))
+        if routing == SEED:
+            straight_through = residual + err
+            total += straight_through
+            residual = residual - straight_through
+        elif routing == FULL:
+            total += chosen
+            residual = residual - chosen
+        else:
+            total += residual + err
+            residual = residual - chosen
+    out = x_chunk + (total - x_chunk) if routing == FULL else total
+    return out, indices, _ChunkSums(sse, stats)
+
+
 def residual_quantize_forward(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -50,59 +181,44 @@ def residual_quantize_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`rqvae_fast.kernels.residual_quantize_forward` (same inputs and outputs)."""
     n, dim = x.shape
-    num_layers = len(layer_sizes)
-    chunk_rows = chunk_rows or max(MIN_CHUNK_ROWS, SCORES_PER_CHUNK // max(layer_sizes))
-    codes32 = codes.float()
-    codebooks = codes32.split(list(layer_sizes))
-    norms = sq_norms.split(list(layer_sizes))
+    sizes = [int(s) for s in layer_sizes]
+    rows = chunk_rows or chunk_rows_for(dim, max(sizes))
     # bf16: operands rounded to bf16, products and sums in fp32 (as bf16 tensor cores do).
     bf16 = precision == "bf16"
-    scored = search_codes.float()
-    codebooks_t = [(c.bfloat16().float() if bf16 else c).t() for c in scored.split(list(layer_sizes))]
-    canonical = [first_copy_index(c) for c in codebooks]
-    starts = [0]
-    for size in layer_sizes:
-        starts.append(starts[-1] + size)
+    codebooks = codes.float().split(sizes)
+    searched = [(c.bfloat16().float() if bf16 else c.float()) for c in search_codes.split(sizes)]
+    starts = [sum(sizes[:layer]) for layer in range(len(sizes))]
+    norms = sq_norms.split(sizes)
+    remaps: List[Optional[torch.Tensor]] = [None] * len(sizes)
+
+    def find_duplicates(layer: int) -> None:  # on the workers too: no small parallel op here
+        remaps[layer] = _duplicate_remap(codebooks[layer])
+
+    cpu_pool.run_chunks(len(sizes), find_duplicates, device=x.device)
+    layers = [_Layer(codebooks[i], searched[i].t(), norms[i], remaps[i], starts[i],
+                     torch.arange(sizes[i], dtype=torch.float32, device=x.device))
+              for i in range(len(sizes))]
 
     quantized = torch.empty_like(x)
-    indices = torch.empty((n, num_layers), dtype=torch.int64, device=x.device)
-    sse = torch.zeros(num_layers, dtype=torch.float32, device=x.device)
+    indices = torch.empty((n, len(sizes)), dtype=torch.int64, device=x.device)
     k_total = codes.shape[0]
-    counts = torch.zeros(k_total if with_stats else 0, dtype=torch.float32, device=x.device)
-    sums = torch.zeros((k_total if with_stats else 0, dim), dtype=torch.float32, device=x.device)
+    sums = _InOrderSums(
+        torch.zeros(len(sizes), dtype=torch.float32, device=x.device),
+        torch.zeros(k_total if with_stats else 0, dtype=torch.float32, device=x.device),
+        torch.zeros((k_total if with_stats else 0, dim), dtype=torch.float32, device=x.device))
+    source = x.detach()
 
-    for lo in range(0, n, chunk_rows):
-        hi = min(n, lo + chunk_rows)
-        x_chunk = x[lo:hi].float()
-        row_ok = torch.isfinite(x_chunk).all(dim=1)
-        residual = x_chunk
-        total = torch.zeros_like(x_chunk)
-        for layer in range(num_layers):
-            lhs = residual.bfloat16().float() if bf16 else residual
-            scores = torch.addmm(norms[layer], lhs, codebooks_t[layer], alpha=-2.0)
-            best = canonical[layer].index_select(0, scores.argmin(dim=1))
-            chosen = codebooks[layer].index_select(0, best)
-            chosen = torch.where(row_ok[:, None], chosen, float("nan"))
-            err = chosen - residual
-            sse[layer] += (err * err).sum()
-            indices[lo:hi, layer] = torch.where(row_ok, best, -1)
-            if with_stats:
-                slot = best + starts[layer]
-                counts.index_add_(0, slot, row_ok.float())
-                sums.index_add_(0, slot, torch.where(row_ok[:, None], residual, 0.0))
-            if routing == SEED:
-                straight_through = residual + err
-                total = total + straight_through
-                residual = residual - straight_through
-            elif routing == FULL:
-                total = total + chosen
-                residual = residual - chosen
-            else:
-                total = total + (residual + err)
-                residual = residual - chosen
-        out = x_chunk + (total - x_chunk) if routing == FULL else total
-        quantized[lo:hi] = out.to(x.dtype)
-    return quantized, indices, sse, counts, sums
+    def run(chunk: int) -> None:
+        lo = chunk * rows
+        hi = min(n, lo + rows)
+        out, chunk_indices, part = _forward_chunk(source[lo:hi].float(), layers, routing=routing,
+                                                  bf16=bf16, with_stats=with_stats)
+        quantized[lo:hi] = out
+        indices[lo:hi] = chunk_indices
+        sums.add(chunk, part)
+
+    cpu_pool.run_chunks(-(-n // rows), run, device=x.device)
+    return quantized, indices, sums.sse, sums.counts, sums.sums
 
 
 def residual_quantize_input_grad(
@@ -116,17 +232,30 @@ def residual_quantize_input_grad(
     commit_layers: int,
     grad_out_scale: float = 1.0,
 ) -> torch.Tensor:
-    """See :func:`rqvae_fast.kernels.residual_quantize_input_grad`."""
-    codebooks = codes.float().split(list(layer_sizes))
-    residual = x.float()
-    direction = torch.zeros_like(residual)
-    for layer in range(commit_layers):
-        local = indices[:, layer]
-        ok = local >= 0
-        code = codebooks[layer].index_select(0, local.clamp(min=0))
-        residual = residual - torch.where(ok[:, None], code, float("nan"))
-        direction += coef[layer] * residual
-    grad = direction
-    if grad_out is not None:
-        grad = grad + grad_out.float() * grad_out_scale
-    return grad.to(x.dtype)
+    """See :func:`rqvae_fast.kernels.residual_quantize_input_grad`. Elementwise per row, run in
+    row chunks like the forward (the same values whatever the chunking)."""
+    n, dim = x.shape
+    codebooks = codes.float().split([int(s) for s in layer_sizes])
+    coefs = [coef[layer] for layer in range(commit_layers)]
+    grad = torch.empty_like(x)
+    rows = chunk_rows_for(dim, 0)
+    source = x.detach()
+    upstream = None if grad_out is None else grad_out.detach()
+
+    def run(chunk: int) -> None:
+        lo = chunk * rows
+        hi = min(n, lo + rows)
+        residual = source[lo:hi].float()
+        direction = torch.zeros_like(residual)
+        for layer in range(commit_layers):
+            local = indices[lo:hi, layer]
+            ok = local >= 0
+            code = codebooks[layer].index_select(0, local.clamp(min=0))
+            residual = residual - torch.where(ok[:, None], code, float("nan"))
+            direction += coefs[layer] * residual
+        if upstream is not None:
+            direction = direction + upstream[lo:hi].float() * grad_out_scale
+        grad[lo:hi] = direction
+
+    cpu_pool.run_chunks(-(-n // rows), run, device=x.device)
+    return grad

@@ -18,6 +18,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -41,7 +42,8 @@ class _Formatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False) or \
+        # identity, not ==: a default of 0 (--seed) equals False but is worth showing
+        if "default" in text or action.default is None or action.default is False or \
                 action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
@@ -674,6 +676,20 @@ def cmd_bench(argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line ``rqvae-fast: warning: ...``; others as Python prints them."""
+    if getattr(category, "__module__", "").startswith("rqvae_fast"):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(argv: List[str]) -> int:
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])

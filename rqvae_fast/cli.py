@@ -312,12 +312,12 @@ def cmd_fit(args) -> int:
     checkpoint = out_dir / "checkpoint.pt"
     if args.resume and not checkpoint.exists():
         raise UserError(f"--resume: no checkpoint at {checkpoint}")
-    if not args.resume:
-        _claim_output_folder(out_dir, args.overwrite, "--resume to continue it, ")
 
     torch.manual_seed(args.seed)
     model = _model_from_args(args, int(embeddings.shape[1]))
     device = resolve_device(args.device)
+    if not args.resume:  # after every check of the options: --overwrite deletes the old run
+        _claim_output_folder(out_dir, args.overwrite, "--resume to continue it, ")
     if args.method == "rqkmeans":
         if args.resume:
             raise UserError("--resume applies to --method rqvae only (RQ-KMeans has no epochs)")
@@ -388,6 +388,9 @@ def _claim_output_folder(out_dir: Path, overwrite: bool, resume_hint: str = "") 
 def _open_source(args):
     """Open ``args.data`` with the input options; say how a CSV's first line was read."""
     source = open_embeddings(args.data, args.column, args.id_column, header=args.header)
+    if args.header is not None and source.kind != "csv":
+        raise UserError(f"--{'' if args.header else 'no-'}header applies to CSV/TSV files only, "
+                        f"not {Path(args.data).name}")
     note = source.header_note()
     if note is not None:
         _say(note)

@@ -305,6 +305,8 @@ def test_fit_on_a_csv_without_header_keeps_every_item(tmp_path, small_npy, capsy
     assert code == 0, err
     assert "first line read as a header (as requested; 59 data rows)" in text
     assert len(np.load(tmp_path / "run2" / "codes.npy")) == 59
+    code, _, err = run_cli(capsys, "fit", small_npy, "--no-header", "--out", tmp_path / "r3", *SMALL)
+    assert_user_error(code, err, "--no-header applies to CSV/TSV files only")
 
 
 def test_fit_refuses_another_runs_folder_unless_overwrite(tmp_path, small_npy, capsys):

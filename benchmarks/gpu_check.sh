@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a lent device machine (H200: torch 2.11 + Triton 3.6 preinstalled,
-# no network). Installs nothing from the network; runs the GPU parity tests, the test suite under
-# CUDA, the side-by-side benchmark report (tf32 + exact fp32), the pipeline report (k-means,
-# encode; its table is in gpu_check.log) and the scaling sweep, each phase under its own timeout,
-# all in under 5 minutes. Everything lands in $OUT (<= 8 files):
-#   gpu_check.log  tests.log  bench_tf32.json  bench_tf32.md  bench_ieee.json  sweep.json
-#   scaling.png  env.txt
+# One prepared GPU check, for a CUDA machine with torch and Triton already installed and no
+# network: runs the GPU parity tests, the test suite under CUDA, the side-by-side benchmark
+# report (tf32 + exact fp32), the pipeline report (k-means, encode; its table is in
+# gpu_check.log) and the scaling sweep, each phase under its own timeout, all in under 5 minutes.
 #
-# Run (device tool):  bash benchmarks/gpu_check.sh            timeout_s 360
-# Optional peer vector-quantize-pytorch: carry its wheels in .whl/ (see
-#   /work/.library/device/README.md, Notes) and name ".whl" in carry; they are installed
-#   with --no-index into /tmp/site.
-# Dry run of the plumbing on a CPU box: GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh
+# How to run: from the repository root, on a checkout of this repository,
+#     bash benchmarks/gpu_check.sh                  (allow ~6 minutes)
+# It installs the project itself (pip install -e . --no-deps, offline). It needs nothing outside
+# the repository; what to bring along besides the tracked files:
+#   .whl/     optional, not tracked: wheels of the peer vector-quantize-pytorch and its
+#             dependencies (pip download vector-quantize-pytorch -d .whl on a networked machine);
+#             installed offline with --no-index into /tmp/site. Without it, that peer is skipped.
+# Environment variables it reads:
+#   OUT            folder for the results (default: a new /tmp/gpu_check.XXXX); it receives
+#                  gpu_check.log tests.log bench_tf32.json bench_tf32.md bench_ieee.json
+#                  sweep.json scaling.png env.txt (8 files)
+#   PYTHON         interpreter to use (default: python3)
+#   GPU_CHECK_DRY  1 = dry run of the plumbing on a CPU machine (tiny shapes, no install)
 set -uo pipefail
 
 OUT=${OUT:-$(mktemp -d /tmp/gpu_check.XXXX)}

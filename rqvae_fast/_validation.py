@@ -1,6 +1,7 @@
 """Argument checks that turn bad input into a clear Python exception."""
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -44,3 +45,28 @@ def check_finite(x2d: torch.Tensor, what: str = "inputs") -> None:
         rows = torch.nonzero(bad).flatten()
         raise ValueError(
             f"{what} hold NaN/Inf in {rows.numel()} row(s); first bad row: {int(rows[0])}")
+
+
+def float_matrix(data, what: str = "data") -> torch.Tensor:
+    """``data`` as an ``(N, D)`` floating-point tensor: a tensor as is, a C-contiguous NumPy array
+    or memmap without a copy (sharing its memory: the caller must not write to the result).
+
+    Raises :class:`TypeError` naming the type, dtype or shape for anything else.
+    """
+    import numpy as np
+
+    if isinstance(data, np.ndarray):
+        if data.ndim != 2 or not np.issubdtype(data.dtype, np.floating):
+            raise TypeError(f"{what} must be a 2-D float array (items x dims), got a NumPy "
+                            f"{data.dtype} array of shape {data.shape}")
+        array = np.ascontiguousarray(data)
+        with warnings.catch_warnings():  # a read-only memmap: shared, never written to
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.from_numpy(array)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"{what} must be a 2-D float torch.Tensor or NumPy array (items x dims), "
+                        f"got {type(data).__module__}.{type(data).__name__}")
+    if data.dim() != 2 or not data.is_floating_point():
+        raise TypeError(f"{what} must be a 2-D float tensor (items x dims), got a {data.dtype} "
+                        f"tensor of shape {tuple(data.shape)}")
+    return data

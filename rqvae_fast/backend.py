@@ -11,6 +11,9 @@ them in :mod:`rqvae_fast.autograd`. Both registrations run the same bodies below
 from __future__ import annotations
 
 import os
+# typing.Tuple, not Tuple, in op signatures: torch 2.6's infer_schema evaluates the string
+# annotation in its own module, which imports typing but not Tuple.
+import typing
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -154,7 +157,7 @@ def search_operands(codes: Tensor) -> Tuple[Tensor, Tensor]:
 @torch.library.custom_op("rqvae_fast::quantize_forward", mutates_args=())
 def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
                      triton_path: bool, with_stats: bool, deterministic: bool
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ) -> typing.Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused forward as an opaque custom op; see :func:`forward_body`."""
     return forward_body(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
                         deterministic)

@@ -598,8 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'measure' (default) or an anchors JSON with copy_GBps/*_TFLOPs")
     parser.add_argument("--sweep", choices=("none", "n", "k", "both"), default="none",
                         help="also run the scaling sweep over N and/or K")
-    parser.add_argument("--sweep-modes", default="inference,train")
-    parser.add_argument("--sweep-providers", default="rqvae_fast")
+    parser.add_argument("--sweep-modes", default="inference,train",
+                        help="comma list of modes timed in the sweep (default: inference,train)")
+    parser.add_argument("--sweep-providers", default="rqvae_fast",
+                        help="comma list of providers timed in the sweep (default: rqvae_fast; "
+                             "the names --providers knows)")
     parser.add_argument("--plot", help="PNG path for the sweep plot (needs matplotlib)")
     parser.add_argument("--json", help="output JSON path (default runs/bench_<device>_<time>.json)")
     parser.add_argument("--markdown", help="also write the tables as Markdown to this path")

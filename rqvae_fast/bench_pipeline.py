@@ -176,12 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     parser.add_argument("--precision", choices=("ieee", "tf32", "bf16"),
                         help="distance-matmul precision (default: tf32 on CUDA, ieee on CPU)")
-    parser.add_argument("--kmeans-rows", type=int, default=1 << 20)
-    parser.add_argument("--kmeans-dim", type=int, default=32)
-    parser.add_argument("--kmeans-codes", type=int, default=256)
-    parser.add_argument("--kmeans-iters", type=int, default=20)
-    parser.add_argument("--encode-rows", type=int, default=1 << 20)
-    parser.add_argument("--encode-dim", type=int, default=768)
+    parser.add_argument("--kmeans-rows", type=int, default=1 << 20,
+                        help="rows clustered by the k-means phase (default: 1048576)")
+    parser.add_argument("--kmeans-dim", type=int, default=32,
+                        help="width of those rows (default: 32)")
+    parser.add_argument("--kmeans-codes", type=int, default=256,
+                        help="clusters (codes) of the k-means phase (default: 256)")
+    parser.add_argument("--kmeans-iters", type=int, default=20,
+                        help="timed Lloyd iterations (default: 20)")
+    parser.add_argument("--encode-rows", type=int, default=1 << 20,
+                        help="rows of the temporary .npy the encode phase reads (default: 1048576)")
+    parser.add_argument("--encode-dim", type=int, default=768,
+                        help="width of those rows (default: 768)")
     parser.add_argument("--batch-size", type=int, default=65536, help="encode batch size")
     parser.add_argument("--tmpdir", help="folder for the temporary .npy (default: the system's)")
     parser.add_argument("--quick", action="store_true",

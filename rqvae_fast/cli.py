@@ -18,6 +18,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -41,7 +42,8 @@ class _Formatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False) or \
+        # identity, not ==: a default of 0 (--seed) equals False but is worth showing
+        if "default" in text or action.default is None or action.default is False or \
                 action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
@@ -73,6 +75,19 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
                        help="item id column (CSV/Parquet); default: row numbers")
     group.add_argument("--drop-nonfinite", action="store_true",
                        help="skip rows holding NaN/Inf instead of stopping with an error")
+    header = group.add_mutually_exclusive_group()
+    header.add_argument("--header", dest="header", action="store_const", const=True,
+                        help="CSV/TSV: the first line holds column names (default: detected, a "
+                             "header when any of its fields is not a number)")
+    header.add_argument("--no-header", dest="header", action="store_const", const=False,
+                        help="CSV/TSV: the first line is an item; columns are named by position "
+                             "0, 1, ... (for --column / --id-column)")
+
+
+def _add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier run in --out (without it, a "
+                             "folder holding them is refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on the raw embeddings (no encoder)")
     fit.add_argument("--max-items", type=_positive_int, metavar="N",
                      help="train on the first N items only")
+    _add_overwrite_option(fit)
     _add_input_options(fit)
     model = fit.add_argument_group("model")
     model.add_argument("--layers", type=_positive_int, default=3, metavar="L",
@@ -151,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kmeans-iters", type=_positive_int, default=20, metavar="N",
                        help="Lloyd iterations of the fused k-means")
     train.add_argument("--seed", type=int, default=0, metavar="S",
-                       help="seed for weights, split, shuffling")
+                       help="seed for weights, split, shuffling (and the demo catalogue)")
     train.add_argument("--device", default="auto", metavar="DEV",
                        help="auto, cpu, cuda, cuda:1, ...")
     train.add_argument("--resume", action="store_true",
@@ -188,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not append the disambiguation position")
     enc.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_overwrite_option(enc)
     _add_input_options(enc)
     enc.set_defaults(func=cmd_encode)
 
@@ -280,7 +297,7 @@ def cmd_fit(args) -> int:
              + f" (seed {args.seed}); pass a file to train on your own embeddings")
         out_dir = args.out or DEMO_OUT
     else:
-        source = open_embeddings(args.data, args.column, args.id_column)
+        source = _open_source(args)
         loaded = load_embeddings(source, drop_nonfinite=args.drop_nonfinite, max_rows=args.max_items)
         if loaded.dropped_rows:
             _say(_skipped(loaded.dropped_rows))
@@ -299,6 +316,8 @@ def cmd_fit(args) -> int:
     torch.manual_seed(args.seed)
     model = _model_from_args(args, int(embeddings.shape[1]))
     device = resolve_device(args.device)
+    if not args.resume:  # after every check of the options: --overwrite deletes the old run
+        _claim_output_folder(out_dir, args.overwrite, "--resume to continue it, ")
     if args.method == "rqkmeans":
         if args.resume:
             raise UserError("--resume applies to --method rqvae only (RQ-KMeans has no epochs)")
@@ -321,7 +340,7 @@ def cmd_fit(args) -> int:
     lines = _id_report(codes, model.codebook_sizes, summary)
     if labels is not None:
         lines += _purity_report(codes, labels, level_names, summary)
-    final = codes if args.no_dedup else _with_dedup(codes)
+    final = _final_codes(codes, args.no_dedup, summary)
     written = _write_outputs(out_dir, final, item_ids, args.format, summary)
     for line in lines:
         _say(line)
@@ -346,10 +365,49 @@ def _output_folder(path) -> Path:
     return path
 
 
+# What a run writes into its --out folder (shards/ belongs to a torchrun 'encode' + 'merge').
+RUN_OUTPUTS = ("checkpoint.pt", "codes.npy", "ids.csv", "ids.jsonl", "ids.parquet", "summary.json",
+               "log.csv", "log.json", "training.png")
+
+
+def _claim_output_folder(out_dir: Path, overwrite: bool, resume_hint: str = "") -> None:
+    """Refuse a folder holding an earlier run's outputs, unless ``overwrite``: then delete them,
+    so that no file of the earlier run stays mixed with the new one's."""
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise UserError(f"--out {out_dir} holds the outputs of an earlier run "
+                        f"({', '.join(found)}); pass --overwrite to replace them, {resume_hint}"
+                        f"or choose another --out")
+    for name in found:
+        (out_dir / name).unlink()
+    _say(f"--overwrite: removed the earlier run's {', '.join(found)} from {out_dir}")
+
+
+def _open_source(args):
+    """Open ``args.data`` with the input options; say how a CSV's first line was read."""
+    source = open_embeddings(args.data, args.column, args.id_column, header=args.header)
+    if args.header is not None and source.kind != "csv":
+        raise UserError(f"--{'' if args.header else 'no-'}header applies to CSV/TSV files only, "
+                        f"not {Path(args.data).name}")
+    note = source.header_note()
+    if note is not None:
+        _say(note)
+    return source
+
+
 def _with_dedup(codes: np.ndarray) -> np.ndarray:
     from .semantic_ids import add_dedup_position
 
     return add_dedup_position(codes)
+
+
+def _final_codes(codes: np.ndarray, no_dedup: bool, summary: dict) -> np.ndarray:
+    """``codes`` with the dedup position appended unless ``no_dedup``; ``summary`` records which,
+    so that 'stats' can tell the last column from a layer."""
+    summary["dedup_position"] = not no_dedup
+    return codes if no_dedup else _with_dedup(codes)
 
 
 def _id_report(codes: np.ndarray, sizes: Sequence[int], summary: dict) -> List[str]:
@@ -357,13 +415,14 @@ def _id_report(codes: np.ndarray, sizes: Sequence[int], summary: dict) -> List[s
 
     collisions = collision_stats(codes)
     layers = layer_stats(codes, sizes)
+    summary["codebook_sizes"] = [int(k) for k in sizes]
     summary["collisions"] = collisions.as_dict()
     summary["layers"] = [vars(layer) for layer in layers]
     usage_text = ", ".join(f"layer {s.layer}: {s.used}/{s.size} used, perplexity {s.perplexity:.0f}"
                            for s in layers)
     return [
         f"codes: {usage_text}",
-        f"collisions: {collisions.colliding_share:.1%} of {collisions.items} items share their "
+        f"shared IDs: {collisions.colliding_share:.1%} of {collisions.items} items share their "
         f"{len(sizes)}-code ID with another item (largest group {collisions.largest_group}, "
         f"{collisions.unique_ids} distinct IDs); a last position 0, 1, 2, ... makes each ID unique",
     ]
@@ -455,9 +514,11 @@ def cmd_encode(args) -> int:
     started = time.perf_counter()
     out_dir = _output_folder(args.out or Path("runs") / f"{Path(args.data).stem}_ids")
     rank, world = _rank_and_world()
+    if world == 1:
+        _claim_output_folder(out_dir, args.overwrite)
     device = _encode_device(args.device, world)
     model = load_model(args.checkpoint, device=device)
-    source = open_embeddings(args.data, args.column, args.id_column)
+    source = _open_source(args)
     rows = shard_rows(source.num_rows, rank, world) if world > 1 else None
     encode_started = time.perf_counter()
     encoded = encode_source(model, source, batch_size=args.batch_size, device=device,
@@ -481,7 +542,7 @@ def cmd_encode(args) -> int:
     summary = _encode_summary(encoded.codes.shape[0], args.checkpoint, args.data,
                               encoded.dropped_rows)
     lines = _id_report(encoded.codes, model.codebook_sizes, summary)
-    final = encoded.codes if args.no_dedup else _with_dedup(encoded.codes)
+    final = _final_codes(encoded.codes, args.no_dedup, summary)
     written = _write_outputs(out_dir, final, encoded.item_ids, args.format, summary)
     for line in lines:
         _say(line)
@@ -507,7 +568,7 @@ def cmd_merge(args) -> int:
         raise UserError(f"{first['data']}: every row holds NaN/Inf; nothing to encode")
     summary = _encode_summary(codes.shape[0], first["checkpoint"], first["data"], dropped)
     lines = _id_report(codes, first["codebook_sizes"], summary)
-    final = codes if first.get("no_dedup") else _with_dedup(codes)
+    final = _final_codes(codes, bool(first.get("no_dedup")), summary)
     written = _write_outputs(out_dir, final, item_ids, args.format or first.get("format", "csv"),
                              summary)
     for line in lines:
@@ -518,6 +579,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    from .codes_layout import find_layout
     from .metrics import collision_stats, layer_stats
 
     path: Path = args.path
@@ -541,27 +603,36 @@ def cmd_stats(args) -> int:
         _, codes = read_table(path)
     if codes.shape[0] == 0:
         raise UserError(f"{path}: holds no IDs")
-    sizes = [int(max(codes[:, i].max(), 0)) + 1 for i in range(codes.shape[1])]
-    layers = layer_stats(codes, sizes)
-    collisions = collision_stats(codes)
-    prefixes = [collision_stats(codes[:, :d]) for d in range(1, codes.shape[1])]
+    layout = find_layout(path, codes)
+    layer_codes = codes[:, :-1] if layout.dedup_position else codes
+    layers = layer_stats(layer_codes, layout.codebook_sizes)
+    collisions = collision_stats(layer_codes)
+    prefixes = [collision_stats(layer_codes[:, :d]) for d in range(1, layer_codes.shape[1])]
+    unique_with_dedup = collision_stats(codes).unique_ids if layout.dedup_position else None
     if args.json:
         print(json.dumps({"items": int(codes.shape[0]), "positions": int(codes.shape[1]),
+                          "codebook_sizes": layout.codebook_sizes,
+                          "dedup_position": layout.dedup_position,
+                          "layout_source": layout.source, "layout_assumed": layout.assumed,
                           "layers": [vars(s) for s in layers],
                           "collisions": collisions.as_dict(),
+                          "unique_ids_with_dedup": unique_with_dedup,
                           "prefix_groups": [p.unique_ids for p in prefixes]}, default=_json_default))
         return 0
-    _say(f"{path}: {codes.shape[0]} items, {codes.shape[1]} positions")
+    _say(f"{path}: {codes.shape[0]} items, {len(layers)} layers"
+         + (" + a dedup position" if layout.dedup_position else ""))
+    _say(("  assumed: " if layout.assumed else "  layout from ") + layout.source)
     for s in layers:
-        _say(f"  position {s.layer}: {s.used} distinct codes (max code {s.size - 1}), "
-             f"perplexity {s.perplexity:.1f}")
+        _say(f"  layer {s.layer}: {s.used}/{s.size} codes used, perplexity {s.perplexity:.1f}")
     for depth, p in enumerate(prefixes, start=1):
-        _say(f"  first {depth} position(s): {p.unique_ids} distinct prefixes, largest group "
-             f"{p.largest_group}")
-    _say(f"  full ID: {collisions.unique_ids} distinct, "
-         f"collision rate {collisions.collision_rate:.2%}, "
-         f"{collisions.colliding_share:.2%} of items share their ID, largest group "
-         f"{collisions.largest_group}")
+        _say(f"  first {depth} code{'s' if depth > 1 else ''}: {p.unique_ids} distinct prefixes, "
+             f"largest group {p.largest_group}")
+    _say(f"  {len(layers)}-code ID: {collisions.unique_ids} distinct; shared IDs: "
+         f"{collisions.colliding_share:.2%} of items share their ID with another item (largest "
+         f"group {collisions.largest_group}); collision rate (1 - distinct / items) "
+         f"{collisions.collision_rate:.2%}")
+    if unique_with_dedup is not None:
+        _say(f"  with the dedup position: {unique_with_dedup} distinct IDs")
     return 0
 
 
@@ -608,6 +679,20 @@ def cmd_bench(argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line ``rqvae-fast: warning: ...``; others as Python prints them."""
+    if getattr(category, "__module__", "").startswith("rqvae_fast"):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(argv: List[str]) -> int:
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])

@@ -7,7 +7,9 @@ Formats (chosen by extension):
   ``"embeddings"`` or the only tensor), opened with ``torch.load(mmap=True)``.
 - ``.csv`` / ``.tsv``: either one column holding a whole vector (``"0.1 0.2"``, ``"[0.1, 0.2]"``,
   named by ``column``) or one numeric column per dimension (all columns but ``id_column``).
-  Read line by line with the ``csv`` module; pandas is not needed.
+  Read line by line with the ``csv`` module; pandas is not needed. The first line is a header
+  when any of its fields is not a number (``header=None``), or as forced by ``header=True/False``;
+  without a header, columns are named by position: ``"0"``, ``"1"``, ...
 - ``.parquet``: one list-of-floats column (``column``), read by row groups; needs ``pyarrow``.
 
 Every reader yields ``(start_row, block)`` with ``block`` a C-contiguous ``(b, D)`` float32 array.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -87,6 +90,8 @@ class EmbeddingSource:
     """A readable file of ``num_rows`` item embeddings of width ``dim``.
 
     ``item_ids`` holds the id column (CSV/Parquet with ``id_column``), else ``None`` (row numbers).
+    CSV only: ``has_header`` says whether the first line was read as column names, and
+    ``header_detected`` whether that was decided from the file (not forced by the caller).
     """
 
     path: Path
@@ -96,7 +101,20 @@ class EmbeddingSource:
     column: Optional[str] = None
     id_column: Optional[str] = None
     item_ids: Optional[List[str]] = None
+    has_header: Optional[bool] = None
+    header_detected: bool = False
     _array: object = field(default=None, repr=False)
+
+    def header_note(self) -> Optional[str]:
+        """One line saying how a CSV's first line was read (``None`` for other formats)."""
+        if self.kind != "csv":
+            return None
+        how = "detected" if self.header_detected else "as requested"
+        if self.has_header:
+            return (f"{self.path}: first line read as a header ({how}; "
+                    f"{self.num_rows} data rows); pass --no-header if it holds data")
+        return (f"{self.path}: no header row ({how}); all {self.num_rows} lines are items, "
+                "columns named by position 0, 1, ...")
 
     def iter_blocks(self, batch_size: int) -> Iterator[Tuple[int, np.ndarray]]:
         """Yield ``(start_row, block (b, D) float32)`` in file order, ``b <= batch_size``."""
@@ -118,9 +136,11 @@ class EmbeddingSource:
             raise DataError(f"{self.path}: unsupported format {self.kind!r}")
 
 
-def open_embeddings(path, column: Optional[str] = None,
-                    id_column: Optional[str] = None) -> EmbeddingSource:
+def open_embeddings(path, column: Optional[str] = None, id_column: Optional[str] = None,
+                    header: Optional[bool] = None) -> EmbeddingSource:
     """Open ``path`` for batched reading after checking it exists, is 2-D, float and non-empty.
+
+    ``header`` (CSV/TSV only): ``None`` detects a header row, ``True`` / ``False`` force it.
 
     Raises :class:`DataError` (a :class:`UserError`) with a one-line message otherwise.
     """
@@ -137,7 +157,7 @@ def open_embeddings(path, column: Optional[str] = None,
     elif suffix in (".pt", ".pth"):
         source = _open_pt(path, column)
     elif suffix in (".csv", ".tsv"):
-        source = _open_csv(path, column, id_column)
+        source = _open_csv(path, column, id_column, header)
     elif suffix == ".parquet":
         source = _open_parquet(path, column, id_column)
     else:
@@ -214,33 +234,61 @@ def _parse_vector(text: str) -> List[float]:
     return [float(p) for p in parts]
 
 
-def _csv_layout(path: Path, header: List[str], column: Optional[str], id_column: Optional[str]):
+def _is_number_field(text: str) -> bool:
+    """True for a field that is a number or a whole vector of numbers (``"0.1 0.2"``)."""
+    try:
+        return len(_parse_vector(text)) > 0
+    except ValueError:
+        return False
+
+
+def looks_like_header(first_row: Sequence[str]) -> bool:
+    """A CSV's first row is a header when any of its fields does not parse as a number."""
+    return any(not _is_number_field(field) for field in first_row)
+
+
+def _csv_layout(path: Path, names: List[str], column: Optional[str], id_column: Optional[str],
+                has_header: bool):
     """Which columns hold the vector: ``(vector_col or None, feature_cols, id_col or None)``."""
-    names = [h.strip() for h in header]
+    def missing(what: str, name: str) -> DataError:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        hint = ("; a file without a header row? pass --no-header and name columns by position "
+                "0, 1, ..." if has_header else "; without a header, columns are named 0, 1, ...")
+        return DataError(f"{path}: no {what} {name!r} (columns: {shown}){hint}")
+
     if id_column is not None and id_column not in names:
-        raise DataError(f"{path}: no id column {id_column!r} (columns: {', '.join(names)})")
+        raise missing("id column", id_column)
     id_index = names.index(id_column) if id_column is not None else None
     if column is not None:
         if column not in names:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(names)})")
+            raise missing("column", column)
         return names.index(column), None, id_index
     features = [i for i in range(len(names)) if i != id_index]
     return None, features, id_index
 
 
-def _open_csv(path: Path, column: Optional[str], id_column: Optional[str]) -> EmbeddingSource:
+def _open_csv(path: Path, column: Optional[str], id_column: Optional[str],
+              header: Optional[bool] = None) -> EmbeddingSource:
     delimiter = _csv_dialect(path)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file (no header row)")
-            vector_col, features, id_index = _csv_layout(path, header, column, id_column)
+            first = next(reader, None)
+            while first is not None and not first:  # blank lines before the first row
+                first = next(reader, None)
+            if first is None:
+                raise DataError(f"{path}: empty file (no rows)")
+            has_header = looks_like_header(first) if header is None else bool(header)
+            names = ([h.strip() for h in first] if has_header
+                     else [str(i) for i in range(len(first))])
+            vector_col, features, id_index = _csv_layout(path, names, column, id_column,
+                                                         has_header)
             num_rows, dim, ids = 0, None, [] if id_index is not None else None
-            for line_no, row in enumerate(reader, start=2):
+            rows = reader if has_header else itertools.chain([first], reader)
+            for row in rows:
                 if not row:
                     continue
+                line_no = reader.line_num
                 if dim is None:  # the first row fixes the width; the rest are checked when read
                     dim = len(_csv_values(path, line_no, row, vector_col, features))
                 if ids is not None:
@@ -254,8 +302,8 @@ def _open_csv(path: Path, column: Optional[str], id_column: Optional[str]) -> Em
     except csv.Error as exc:
         raise DataError(f"{path}: malformed CSV ({_first_line(exc)})") from None
     return EmbeddingSource(path, "csv", num_rows, dim or 0, column=column, id_column=id_column,
-                           item_ids=ids,
-                           _array=(vector_col, features, delimiter))
+                           item_ids=ids, has_header=has_header, header_detected=header is None,
+                           _array=(vector_col, features, delimiter, has_header))
 
 
 def _csv_values(path: Path, line_no: int, row: List[str], vector_col, features) -> List[float]:
@@ -271,15 +319,19 @@ def _csv_values(path: Path, line_no: int, row: List[str], vector_col, features) 
 
 
 def _iter_csv(source: EmbeddingSource, batch_size: int) -> Iterator[Tuple[int, np.ndarray]]:
-    vector_col, features, delimiter = source._array
+    vector_col, features, delimiter, has_header = source._array
     rows: List[List[float]] = []
     start = 0
     with open(source.path, newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        next(reader, None)
-        for line_no, row in enumerate(reader, start=2):
+        skip_header = has_header
+        for row in reader:
             if not row:
                 continue
+            if skip_header:
+                skip_header = False
+                continue
+            line_no = reader.line_num
             values = _csv_values(source.path, line_no, row, vector_col, features)
             if len(values) != source.dim:
                 raise DataError(f"{source.path}: line {line_no} has {len(values)} values, "
@@ -449,6 +501,7 @@ __all__ = [
     "atomic_output",
     "describe_rows",
     "load_embeddings",
+    "looks_like_header",
     "nonfinite_error",
     "nonfinite_rows",
     "open_embeddings",

@@ -8,6 +8,7 @@ iteration reads the data once and never builds an ``(N, K)`` distance matrix.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -145,26 +146,50 @@ def _reseed_empty(points, assigned, centroids, empty):
     return centroids
 
 
+class KMeansWarning(UserWarning):
+    """k-means could not give every code its own cluster (too few distinct rows)."""
+
+
 def sklearn_kmeans(data: torch.Tensor, num_codes: int, *, seed: Optional[int] = None,
                    max_iter: int = 100) -> KMeansResult:
     """scikit-learn ``KMeans`` (k-means++, ``n_init="auto"``) as the seed uses; on CPU, returns
-    tensors on ``data``'s device. Fewer rows than codes: rows drawn with replacement."""
+    tensors on ``data``'s device. Fewer distinct rows than codes: every distinct row becomes a
+    centroid and the other codes repeat rows drawn at random (scikit-learn is not called)."""
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     points = _check_data(data)
     array = points.cpu().numpy()
-    n = array.shape[0]
-    if n < num_codes:
+    distinct = np.unique(array, axis=0) if array.shape[0] >= num_codes else array
+    if distinct.shape[0] < num_codes:
         rng = np.random.default_rng(seed)
-        picks = rng.choice(n, num_codes, replace=True)
-        return KMeansResult(points[torch.from_numpy(picks).to(points.device)],
-                            torch.ones(num_codes, device=points.device), 0.0, 0)
-    model = KMeans(n_clusters=num_codes, n_init="auto", max_iter=max_iter,
-                   random_state=None if seed is None else int(seed) % (2 ** 32)).fit(array)
+        extra = rng.choice(distinct.shape[0], num_codes - distinct.shape[0], replace=True)
+        chosen = np.concatenate([distinct, distinct[extra]]).astype(np.float32)
+        counts = np.bincount(_nearest(array, chosen), minlength=num_codes).astype(np.float32)
+        return KMeansResult(torch.from_numpy(chosen).to(points.device),
+                            torch.from_numpy(counts).to(points.device), 0.0, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = KMeans(n_clusters=num_codes, n_init="auto", max_iter=max_iter,
+                       random_state=None if seed is None else int(seed) % (2 ** 32)).fit(array)
+    for item in caught:
+        if not issubclass(item.category, ConvergenceWarning):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
     counts = np.bincount(model.labels_, minlength=num_codes).astype(np.float32)
+    if any(issubclass(item.category, ConvergenceWarning) for item in caught):
+        warnings.warn(f"k-means of {array.shape[0]} rows into {num_codes} codes left "
+                      f"{int((counts == 0).sum())} codes without rows (near-duplicate rows); "
+                      "they stay as placed (dead-code reset re-seeds them in training)",
+                      KMeansWarning, stacklevel=2)
     centroids = torch.from_numpy(model.cluster_centers_.astype(np.float32)).to(points.device)
     return KMeansResult(centroids, torch.from_numpy(counts).to(points.device),
-                        float(model.inertia_) / n, int(model.n_iter_))
+                        float(model.inertia_) / array.shape[0], int(model.n_iter_))
+
+
+def _nearest(array: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index ``(N,)`` of the nearest of ``centroids (K, D)`` for each row of ``array (N, D)``."""
+    scores = (centroids * centroids).sum(axis=1)[None, :] - 2.0 * array @ centroids.T
+    return scores.argmin(axis=1)
 
 
 def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: int = 20,
@@ -295,5 +320,6 @@ __all__ = [
     "kmeans_plusplus",
     "load_codebooks",
     "residual_kmeans",
+    "KMeansWarning",
     "sklearn_kmeans",
 ]

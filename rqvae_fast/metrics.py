@@ -222,6 +222,7 @@ class TrainingFacts:
     dead_code_reset: bool = True
     ema: bool = False
     settled: bool = True  # False in the first epochs: only divergence is reported then
+    final: bool = True  # the run's last epoch: the reconstruction is judged only then
 
 
 COLLAPSE_USAGE = 0.10
@@ -249,7 +250,7 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
             continue
         warnings.append(f"codebook collapse in layer {layer}: {share:.0%} of {size} codes used; "
                         f"likely cause: {_collapse_cause(facts, size)}")
-    if math.isfinite(facts.data_variance) and facts.data_variance > 0:
+    if facts.final and math.isfinite(facts.data_variance) and facts.data_variance > 0:
         explained = 1.0 - facts.recon_loss / facts.data_variance
         if explained < 0.5:
             warnings.append(f"high reconstruction loss: only {max(0.0, explained):.0%} of the data "

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._validation import float_matrix
 from .kmeans import load_codebooks, residual_kmeans
 from .modules import ResidualVQ
 
@@ -147,10 +148,12 @@ class RQVAE(nn.Module):
 
     @torch.no_grad()
     def get_semantic_ids(self, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """``(N, L)`` int64 codes of ``x (N, input_dim)`` in eval mode (the mode is restored after).
+        """``(N, L)`` int64 codes of ``x (N, input_dim)`` float (tensor, NumPy array or memmap) in
+        eval mode (the mode is restored after).
 
         ``batch_size`` bounds memory for large ``x``; rows with NaN/Inf get ``-1``.
         """
+        x = float_matrix(x, "inputs")
         was_training = self.training
         self.eval()
         try:

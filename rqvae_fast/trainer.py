@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._validation import float_matrix
 from .checkpoint import CheckpointError, check_config, cpu_state, load_checkpoint, save_checkpoint
 from .data import UserError, atomic_output
 from .functional import residual_quantize
@@ -212,10 +213,13 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self, data: torch.Tensor, resume_from=None) -> TrainResult:
-        """Train on ``data (N, input_dim)`` (not modified); ``resume_from``: a checkpoint path."""
+        """Train on ``data (N, input_dim)``, a float tensor, NumPy array or memmap (not modified);
+        ``resume_from``: a checkpoint path."""
         cfg = self.config
-        if not isinstance(data, torch.Tensor) or data.dim() != 2 or not data.is_floating_point():
-            raise UserError("training data must be a 2-D float tensor (items x dims)")
+        try:
+            data = float_matrix(data, "training data")
+        except TypeError as exc:
+            raise UserError(str(exc)) from None
         if data.shape[1] != self.model.input_dim:
             raise UserError(f"data has {data.shape[1]}-d rows but the model expects "
                             f"{self.model.input_dim}-d")
@@ -273,7 +277,8 @@ class Trainer:
                 relative_quant_error=record.pop("_relative_quant_error"),
                 monitor=record["monitor"], previous_monitor=[h["monitor"] for h in state["history"]],
                 dead_code_reset=window > 0, ema=bool(getattr(model.vq, "ema", False)),
-                settled=epoch >= 3 or epoch == cfg.epochs)
+                settled=epoch >= 3 or epoch == cfg.epochs,
+                final=self._is_last_epoch(epoch, record["monitor"], state))
             warnings = diagnose(facts, cfg.collapse_usage)
             record["warnings"] = warnings
             state["history"].append(record)
@@ -319,6 +324,15 @@ class Trainer:
                        self._final_counts(source, metric_rows))
         return TrainResult(model, state["history"], int(state["best_epoch"]), stopped_early,
                            warnings)
+
+    def _is_last_epoch(self, epoch: int, monitor: float, state: dict) -> bool:
+        """Whether training ends after ``epoch``: the last one, or early stopping will stop now."""
+        cfg = self.config
+        if epoch >= cfg.epochs:
+            return True
+        best = state["best_value"]
+        improved = not math.isfinite(best) or monitor < best * (1.0 - cfg.min_delta)
+        return cfg.patience > 0 and not improved and state["bad_epochs"] + 1 >= cfg.patience
 
     def _batches(self, rows: torch.Tensor, gen: torch.Generator) -> List[torch.Tensor]:
         shuffled = rows[torch.randperm(rows.numel(), generator=gen)]
@@ -430,7 +444,7 @@ class Trainer:
             record[f"usage_l{layer}"] = usage(counts)
             record[f"perplexity_l{layer}"] = perplexity(counts)
         collisions = collision_stats(codes)
-        record["collision_rate"] = collisions.collision_rate
+        record["colliding_share"] = collisions.colliding_share
         record["largest_group"] = collisions.largest_group
         record["dead_codes_reset"] = resets
         record["_relative_quant_error"] = quant_err / latent_var if latent_var > 0 else float("nan")
@@ -450,7 +464,7 @@ class Trainer:
         val = f" val {record['val_total']:.4f}" if math.isfinite(record["val_total"]) else ""
         self.log(f"epoch {record['epoch']:>3}: loss {record['train_total']:.4f} "
                  f"(recon {record['train_recon']:.4f}, vq {record['train_vq']:.4f}){val} | usage "
-                 f"{usage_text} | perplexity {ppl_text} | collisions {record['collision_rate']:.2%}"
+                 f"{usage_text} | perplexity {ppl_text} | shared IDs {record['colliding_share']:.2%}"
                  + (f" | reset {record['dead_codes_reset']} codes"
                     if record["dead_codes_reset"] else ""))
         for message in warnings:
@@ -553,6 +567,7 @@ def write_plot(path, history: List[dict], final_counts: List[np.ndarray]) -> Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = len(final_counts)
     fig, axes = plt.subplots(1, 1 + layers, figsize=(4.5 * (1 + layers), 3.6))
@@ -562,6 +577,7 @@ def write_plot(path, history: List[dict], final_counts: List[np.ndarray]) -> Pat
         if any(math.isfinite(v) for v in values):
             axes[0].plot(epochs, values, style, label=key)
     axes[0].set_yscale("log")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0].set_xlabel("epoch")
     axes[0].set_title("losses")
     axes[0].legend(fontsize=8)

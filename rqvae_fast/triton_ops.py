@@ -8,7 +8,10 @@ around them, which it can fuse) instead of one opaque call. ``torch.export`` kee
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+# typing.Tuple, not Tuple, in op signatures: torch 2.6's infer_schema evaluates the string
+# annotation in its own module, which imports typing but not Tuple.
+import typing
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +22,7 @@ from .backend import forward_body, input_grad_body
 @torch.library.triton_op("rqvae_fast::quantize_forward_triton", mutates_args=())
 def quantize_forward_triton(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int,
                             precision: str, with_stats: bool, deterministic: bool
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            ) -> typing.Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`rqvae_fast.backend.forward_body`."""
     return forward_body(x, codes, layer_sizes, routing, precision, True, with_stats, deterministic)
 

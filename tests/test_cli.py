@@ -73,7 +73,9 @@ def test_demo_fit_then_encode_then_stats(tmp_path, capsys):
     code, text, err = run_cli(capsys, "stats", out / "codes.npy", "--json")
     assert code == 0, err
     stats = json.loads(text)
-    assert stats["items"] == 3000 and stats["collisions"]["collision_rate"] == 0.0
+    assert stats["items"] == 3000 and stats["unique_ids_with_dedup"] == 3000
+    assert stats["dedup_position"] is True and stats["codebook_sizes"] == [256, 256, 256]
+    assert len(stats["layers"]) == 3 and not stats["layout_assumed"]
     code, text, err = run_cli(capsys, "stats", out / "ids.csv")
     assert code == 0 and "3000 distinct" in text
     code, text, err = run_cli(capsys, "stats", out / "checkpoint.pt")
@@ -235,3 +237,124 @@ def test_help_lists_commands_and_defaults(capsys):
     for default in ("(default: 3)", "(default: 256)", "(default: 32)", "(default: 0.25)",
                     "(default: 1024)", "(default: 512,256,128)"):
         assert default in text, default
+    assert re.search(r"--seed S .*?\(default: 0\)", text), "a default of 0 is shown too"
+    for flag in ("--header", "--no-header", "--overwrite"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("module", ["rqvae_fast.bench", "rqvae_fast.bench_pipeline"])
+def test_every_bench_option_has_help(module):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert missing == []
+
+
+def test_library_warnings_are_one_line_in_our_words(capsys):
+    import warnings
+
+    from rqvae_fast.cli import _show_warning
+    from rqvae_fast.kmeans import KMeansWarning
+
+    _show_warning(KMeansWarning("k-means left 3 codes without rows"), KMeansWarning, "x.py", 1)
+    assert capsys.readouterr().err == "rqvae-fast: warning: k-means left 3 codes without rows\n"
+    _show_warning(UserWarning("other"), UserWarning, "x.py", 1)
+    assert "UserWarning: other" in capsys.readouterr().err
+
+
+def test_small_fit_prints_no_sklearn_convergence_warning(tmp_path, capsys):
+    """Few distinct residuals for many codes made scikit-learn print its raw ConvergenceWarning."""
+    data = make_catalogue(num_items=120, dim=16, branching=(4, 2, 2), seed=3).embeddings.numpy()
+    np.save(tmp_path / "few.npy", np.repeat(data[:20], 6, axis=0))  # 20 distinct rows
+    code, _, err = run_cli(capsys, "fit", tmp_path / "few.npy", "--method", "rqkmeans",
+                           "--layers", 2, "--codebook-size", 32, "--out", tmp_path / "km")
+    assert code == 0, err
+    assert "ConvergenceWarning" not in err and "sklearn" not in err
+
+
+# ---- CSV header row, output folders, stats metadata (issue 13) ----------------------------------
+
+def test_fit_on_a_csv_without_header_keeps_every_item(tmp_path, small_npy, capsys):
+    data = np.load(small_npy)[:60]
+    (tmp_path / "raw.csv").write_text("".join(",".join(repr(float(v)) for v in row) + "\n"
+                                             for row in data))
+    out = tmp_path / "run"
+    code, text, err = run_cli(capsys, "fit", tmp_path / "raw.csv", "--out", out, *SMALL)
+    assert code == 0, err
+    assert "no header row (detected); all 60 lines are items" in text
+    ids = [row["item_id"] for row in csv.DictReader(open(out / "ids.csv"))]
+    assert ids == [str(i) for i in range(60)]
+    # the same file with an id column and no header: --no-header, columns named by position
+    (tmp_path / "ids.csv").write_text("".join(f"sku-{i}," + ",".join(repr(float(v)) for v in row)
+                                              + "\n" for i, row in enumerate(data)))
+    encode = ["encode", out / "checkpoint.pt", tmp_path / "ids.csv", "--id-column", "0",
+              "--out", tmp_path / "enc", "--no-progress", "--no-dedup"]
+    code, _, err = run_cli(capsys, *encode)
+    assert_user_error(code, err, "--no-header")
+    code, text, err = run_cli(capsys, *encode, "--no-header")
+    assert code == 0, err
+    assert "no header row (as requested)" in text
+    rows = list(csv.DictReader(open(tmp_path / "enc" / "ids.csv")))
+    assert [r["item_id"] for r in rows] == [f"sku-{i}" for i in range(60)]
+    np.testing.assert_array_equal(np.load(tmp_path / "enc" / "codes.npy"),
+                                  np.load(out / "codes.npy")[:, :2])
+    # --header forces the numeric first line to be a header: said, not silent
+    code, text, err = run_cli(capsys, "fit", tmp_path / "raw.csv", "--header", "--out",
+                              tmp_path / "run2", *SMALL)
+    assert code == 0, err
+    assert "first line read as a header (as requested; 59 data rows)" in text
+    assert len(np.load(tmp_path / "run2" / "codes.npy")) == 59
+    code, _, err = run_cli(capsys, "fit", small_npy, "--no-header", "--out", tmp_path / "r3", *SMALL)
+    assert_user_error(code, err, "--no-header applies to CSV/TSV files only")
+
+
+def test_fit_refuses_another_runs_folder_unless_overwrite(tmp_path, small_npy, capsys):
+    out = tmp_path / "items"
+    assert run_cli(capsys, "fit", small_npy, "--out", out, *SMALL)[0] == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    code, _, err = run_cli(capsys, "fit", small_npy, "--method", "rqkmeans", "--layers", 2,
+                           "--codebook-size", 8, "--out", out)
+    assert_user_error(code, err, r"holds the outputs of an earlier run \(checkpoint.pt, .*"
+                                 r"--overwrite")
+    assert (out / "checkpoint.pt").read_bytes() == before and (out / "log.csv").exists()
+    code, text, err = run_cli(capsys, "fit", small_npy, "--method", "rqkmeans", "--layers", 2,
+                              "--codebook-size", 8, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert "--overwrite: removed" in text
+    assert not (out / "log.csv").exists() and not (out / "log.json").exists()  # no stale logs
+    assert json.loads((out / "summary.json").read_text())["method"] == "rqkmeans"
+    # encode too
+    enc = ["encode", out / "checkpoint.pt", small_npy, "--out", tmp_path / "e", "--no-progress"]
+    assert run_cli(capsys, *enc)[0] == 0
+    assert_user_error(*run_cli(capsys, *enc)[::2], "--overwrite")
+    assert run_cli(capsys, *enc, "--overwrite")[0] == 0
+
+
+def test_stats_knows_the_dedup_column_and_codebook_sizes(tmp_path, small_npy, capsys):
+    out = tmp_path / "run"
+    assert run_cli(capsys, "fit", small_npy, "--method", "rqkmeans", "--layers", 2,
+                   "--codebook-size", "4,512", "--out", out)[0] == 0
+    codes = np.load(out / "codes.npy")
+    assert codes.shape == (300, 3) and codes[:, 1].max() < 511  # size not inferable from codes
+    code, text, err = run_cli(capsys, "stats", out / "codes.npy", "--json")
+    assert code == 0, err
+    stats = json.loads(text)
+    assert stats["codebook_sizes"] == [4, 512] and stats["dedup_position"] is True
+    assert [layer["size"] for layer in stats["layers"]] == [4, 512]
+    assert not stats["layout_assumed"] and stats["unique_ids_with_dedup"] == 300
+    code, text, err = run_cli(capsys, "stats", out / "ids.csv")
+    assert code == 0, err
+    assert "2 layers + a dedup position" in text and "/512 codes used" in text
+    # the codes file alone: the layout is inferred and the output says what was assumed
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    np.save(alone / "codes.npy", codes)
+    code, text, err = run_cli(capsys, "stats", alone / "codes.npy")
+    assert code == 0, err
+    assert "assumed: " in text and "dedup position" in text
+    assert "2 layers + a dedup position" in text
+    np.save(alone / "codes.npy", codes[:, :2])
+    stats = json.loads(run_cli(capsys, "stats", alone / "codes.npy", "--json")[1])
+    assert stats["layout_assumed"] and stats["dedup_position"] is False
+    assert len(stats["layers"]) == 2

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rqvae_fast.data import (DataError, UserError, atomic_output, load_embeddings, open_embeddings,
-                             parse_int_list)
+from rqvae_fast.data import (DataError, UserError, atomic_output, load_embeddings,
+                             looks_like_header, open_embeddings, parse_int_list)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,3 +202,77 @@ def test_parse_int_list():
         parse_int_list("512,abc", "--hidden-dims")
     with pytest.raises(UserError, match="positive"):
         parse_int_list("4,0", "--codebook-size")
+
+
+# ---- CSV header row: detected, or forced with header=True/False (issue 13, item 1) -------------
+
+def _write_csv(path, data, ids=None, header=None):
+    lines = [header] if header else []
+    for i, row in enumerate(data):
+        values = ",".join(repr(float(v)) for v in row)
+        lines.append(f"{ids[i]},{values}" if ids is not None else values)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_csv_without_header_keeps_its_first_row(tmp_path):
+    data = _rows(7, 3)
+    source = open_embeddings(_write_csv(tmp_path / "x.csv", data))
+    assert (source.num_rows, source.has_header, source.header_detected) == (7, False, True)
+    np.testing.assert_allclose(np.concatenate([b for _, b in _blocks(source, 3)]), data, rtol=1e-6)
+    assert "no header row (detected)" in source.header_note()
+
+
+def test_csv_header_is_detected_from_any_non_numeric_field(tmp_path):
+    data = _rows(5, 3)
+    source = open_embeddings(_write_csv(tmp_path / "x.csv", data, header="0.5,f1,f2"))
+    assert (source.num_rows, source.has_header) == (5, True)
+    np.testing.assert_allclose(np.concatenate([b for _, b in _blocks(source, 10)]), data, rtol=1e-6)
+    assert "first line read as a header (detected" in source.header_note()
+
+
+def test_csv_header_can_be_forced_either_way(tmp_path):
+    data = _rows(6, 3)
+    path = _write_csv(tmp_path / "x.csv", data)
+    forced = open_embeddings(path, header=True)  # the user says the numeric first line is a header
+    assert forced.num_rows == 5 and "as requested" in forced.header_note()
+    np.testing.assert_allclose(np.concatenate([b for _, b in _blocks(forced, 4)]), data[1:],
+                               rtol=1e-6)
+    named = _write_csv(tmp_path / "h.csv", data, header="a,b,c")
+    with pytest.raises(DataError, match="line 1 holds a value that is not a number"):
+        open_embeddings(named, header=False)
+
+
+def test_csv_without_header_with_an_id_column_by_position(tmp_path):
+    data = _rows(4, 3)
+    ids = [f"sku-{i}" for i in range(4)]
+    path = _write_csv(tmp_path / "x.csv", data, ids=ids)
+    source = open_embeddings(path, id_column="0", header=False)
+    assert source.num_rows == 4 and source.item_ids == ids
+    np.testing.assert_allclose(np.concatenate([b for _, b in _blocks(source, 4)]), data, rtol=1e-6)
+    # detection reads "sku-0" as a column name, so the error says how to fix it
+    with pytest.raises(DataError, match="--no-header"):
+        open_embeddings(path, id_column="0")
+    # numeric ids without a header: all numbers, so the first line is data
+    numeric = _write_csv(tmp_path / "n.csv", data, ids=list(range(100, 104)))
+    source = open_embeddings(numeric, id_column="0")
+    assert source.num_rows == 4 and source.item_ids == ["100", "101", "102", "103"]
+    np.testing.assert_allclose(np.concatenate([b for _, b in _blocks(source, 4)]), data, rtol=1e-6)
+
+
+def test_csv_without_header_vector_column(tmp_path):
+    data = _rows(3, 4)
+    (tmp_path / "v.tsv").write_text("".join(
+        "\t".join([str(i), " ".join(repr(float(v)) for v in row)]) + "\n"
+        for i, row in enumerate(data)))
+    source = open_embeddings(tmp_path / "v.tsv", column="1", id_column="0")
+    assert (source.num_rows, source.dim, source.has_header) == (3, 4, False)
+    np.testing.assert_allclose(np.concatenate([b for _, b in _blocks(source, 2)]), data, rtol=1e-6)
+
+
+@pytest.mark.parametrize("row, is_header", [
+    (["0.1", "2", "-3e-4", "nan"], False), (["[0.1, 0.2]"], False), (["0.1 0.2"], False),
+    (["id", "0.1"], True), (["", "0.1"], True), (["f0", "f1"], True),
+])
+def test_looks_like_header(row, is_header):
+    assert looks_like_header(row) is is_header

@@ -159,3 +159,20 @@ def test_kmeans_result_is_numpy_free_on_device():
     result = fused_kmeans(torch.randn(300, 4), 8, seed=0)
     assert isinstance(result.inertia, float) and np.isfinite(result.inertia)
     assert result.counts.device == result.centroids.device
+
+
+def test_sklearn_path_with_fewer_distinct_rows_than_codes_is_quiet():
+    """scikit-learn's raw ConvergenceWarning ("distinct clusters smaller than n_clusters") must
+    not reach the user: every distinct row becomes a centroid, without calling scikit-learn."""
+    import warnings
+
+    distinct = torch.randn(10, 4)
+    x = distinct.repeat(30, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = sklearn_kmeans(x, 16, seed=0)
+    assert result.centroids.shape == (16, 4)
+    for row in distinct:  # each distinct row is a centroid holding its 30 copies
+        hits = [k for k, c in enumerate(result.centroids) if torch.equal(c, row)]
+        assert hits and result.counts[hits].sum() == 30
+    assert result.counts.sum() == 300

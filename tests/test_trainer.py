@@ -1,7 +1,11 @@
 """Trainer: schedules, warm-up, dead-code reset, early stopping, resume, logs, diagnostics."""
 import csv
 import json
+import re
 import sys
+import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from rqvae_fast.data import UserError
 from rqvae_fast.metrics import TrainingFacts, diagnose
 from rqvae_fast.model import RQVAE
 from rqvae_fast.synthetic import make_catalogue
-from rqvae_fast.trainer import TrainConfig, Trainer, TrainingDiverged
+from rqvae_fast.trainer import TrainConfig, Trainer, TrainingDiverged, write_plot
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,8 +51,9 @@ def test_fit_trains_logs_and_checkpoints(tmp_path, catalogue):
     assert [h["epoch"] for h in history] == [1, 2, 3] and result.model is model
     assert history[-1]["val_total"] < history[0]["val_total"]
     for key in ("train_recon", "train_vq", "val_recon", "usage_l0", "usage_l1", "perplexity_l0",
-                "collision_rate", "lr", "beta", "dead_codes_reset", "seconds"):
+                "colliding_share", "lr", "beta", "dead_codes_reset", "seconds"):
         assert key in history[0]
+    assert "collision_rate" not in history[0]  # one name per metric: the share of items sharing
     assert 0 < history[-1]["usage_l0"] <= 1 and 1 <= history[-1]["perplexity_l0"] <= 16
     logged = json.loads((tmp_path / "log.json").read_text())
     assert [row["epoch"] for row in logged] == [1, 2, 3]
@@ -219,6 +224,71 @@ def test_bad_training_input(catalogue):
         TrainConfig(optimizer="sgd")
     with pytest.raises(UserError, match="validation fraction"):
         TrainConfig(val_fraction=1.0)
+
+
+def test_fit_takes_numpy_arrays_and_memmaps(tmp_path, catalogue):
+    array = catalogue.embeddings.numpy().copy()
+    np.save(tmp_path / "x.npy", array)
+    memmap = np.load(tmp_path / "x.npy", mmap_mode="r")
+    results = []
+    for data in (catalogue.embeddings, array, memmap):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "array is not writable" from torch either
+            model = Trainer(_model(), _config(epochs=1), log=_quiet).fit(data).model
+            results.append(model.get_semantic_ids(data))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    np.testing.assert_array_equal(array, catalogue.embeddings.numpy())  # not modified
+
+
+@pytest.mark.parametrize("data, named", [
+    ([[0.0] * 32] * 4, "builtins.list"),
+    (np.zeros((4, 32), dtype=np.int64), "int64"),
+    (np.zeros(32, dtype=np.float32), "shape (32,)"),
+])
+def test_bad_training_data_type_is_named(data, named):
+    with pytest.raises(UserError, match=re.escape(named)):
+        Trainer(_model(), _config(), log=_quiet).fit(data)
+
+
+def test_reconstruction_is_judged_at_the_end_of_the_run(catalogue):
+    """Early epochs of a run that ends well do not warn of a high reconstruction loss."""
+    assert diagnose(_facts(recon_loss=0.8, final=False)) == []
+    assert "reconstruction" in diagnose(_facts(recon_loss=0.8, final=True))[0]
+    # the trainer marks only the last epoch final
+    flags = []
+    original = TrainingFacts.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        flags.append(self.final)
+    try:
+        TrainingFacts.__init__ = spy
+        Trainer(_model(), _config(epochs=3, patience=0), log=_quiet).fit(catalogue.embeddings)
+    finally:
+        TrainingFacts.__init__ = original
+    assert flags == [False, False, True]
+
+
+def test_early_stop_epoch_counts_as_final():
+    trainer = Trainer(_model(), _config(epochs=10, patience=2), log=_quiet)
+    state = {"best_value": 1.0, "bad_epochs": 1}
+    assert trainer._is_last_epoch(4, 1.0, state)            # no improvement: stops now
+    assert not trainer._is_last_epoch(4, 0.5, state)        # improved: goes on
+    assert trainer._is_last_epoch(10, 0.5, state)           # the last epoch
+
+
+def test_plot_has_whole_epoch_ticks(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    for epochs in (3, 20):  # matplotlib's default ticks: 0.5, 1.5 ... and 2.5, 7.5 ...
+        history = [{"epoch": e, "train_recon": 1.0 / e, "train_vq": 0.5 / e}
+                   for e in range(1, epochs + 1)]
+        write_plot(tmp_path / "p.png", history, [np.array([3, 0, 1]), np.array([1, 1, 2])])
+        ticks = figures[-1].axes[0].get_xticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (epochs, ticks)
 
 
 def test_plot_needs_matplotlib(monkeypatch):

@@ -1,7 +1,8 @@
 """The RQ-VAE of the seed document: MLP encoder, fused residual quantizer, mirrored MLP decoder.
 
 Module and parameter names follow the seed (``encoder.encoder.*``, ``vq.vq_layers.*``,
-``decoder.decoder.*``), so a ``state_dict`` saved from the seed's model loads here.
+``decoder.decoder.*``), so a ``state_dict`` saved from the seed's model loads here (with the
+default ``latent_norm=False``).
 """
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ class RQVAE(nn.Module):
     int64, {"total", "recon", "vq"} 0-d losses)``, as the seed. Quantizer options (``ema``,
     ``decay``, ``grad_mode``, ``precision``, ``backend``) go to :class:`~rqvae_fast.ResidualVQ`.
 
-    ``latent_norm=True`` (the default) ends the encoder with a parameter-free
-    ``BatchNorm1d(latent_dim, affine=False)`` (see :class:`RQEncoder`); ``False`` is the seed's
-    architecture exactly (use it to load a ``state_dict`` saved from the seed's model).
+    ``latent_norm=True`` ends the encoder with a parameter-free ``BatchNorm1d(latent_dim,
+    affine=False)`` (see :class:`RQEncoder`; part of the unit-norm recipe in docs/PIPELINE.md);
+    the default ``False`` is the seed's architecture exactly.
     """
 
     kind = "rqvae"
@@ -90,7 +91,7 @@ class RQVAE(nn.Module):
                  num_vq_layers: int, num_embeddings_list: Union[int, Sequence[int]],
                  commitment_cost: float = 0.25, *, ema: bool = False, decay: float = 0.99,
                  grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto",
-                 latent_norm: bool = True):
+                 latent_norm: bool = False):
         super().__init__()
         if isinstance(num_embeddings_list, int):
             num_embeddings_list = [num_embeddings_list] * num_vq_layers

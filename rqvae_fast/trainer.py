@@ -54,17 +54,17 @@ class TrainConfig:
     - ``output_init``: before the codebook k-means of a fresh model, start the decoder's output
       layer at the data mean with small weights (:meth:`RQVAE.initialize_output_layer`).
     - ``recon_weight``: weight of the reconstruction MSE in the training loss (the VQ loss has
-      weight 1). ``None`` = ``1 / mean per-dimension variance of the data``: the term is then the
-      share of the data variance not reconstructed (about 1 at the start whatever the data's
-      scale), so it is not drowned by the latent-space VQ loss. Unit-norm 256-d embeddings have a
-      per-dimension variance of ~0.004; with weight 1 (the seed's plain sum) the VQ loss outweighs
-      the reconstruction ~30x and the encoder collapses onto a few directions. The logged
-      ``recon`` stays the plain MSE; ``total`` is the weighted sum.
+      weight 1; the default 1.0 is the seed's plain sum). ``None`` = ``1 / mean per-dimension
+      variance of the data``: the term is then the share of the data variance not reconstructed
+      (about 1 at the start whatever the data's scale), so it is not drowned by the latent-space
+      VQ loss. Unit-norm 256-d embeddings have a per-dimension variance of ~0.004; with weight 1
+      the VQ loss outweighs the reconstruction ~30x and the encoder collapses onto a few
+      directions. The logged ``recon`` stays the plain MSE; ``total`` is the weighted sum.
     - ``codebook_lr_scale``: learned codebooks train at this multiple of the learning rate (the
-      schedule scales them alike). An encoder weight step moves a latent by about ``lr`` times the
-      last layer's fan-in times its activations, a codebook step by ``lr``: at 1x the codebooks
-      lag behind the latents, the codes go stale and the quantization error exceeds the latent
-      variance. Ignored for EMA codebooks.
+      schedule scales them alike; default 1, as the seed). An encoder weight step moves a latent
+      by about ``lr`` times the last layer's fan-in times its activations, a codebook step by
+      ``lr``: at 1x the codebooks can lag behind the latents (stale codes, a quantization error above the latent variance);
+      30 is part of the unit-norm recipe in docs/PIPELINE.md. Ignored for EMA codebooks.
     - ``patience``: epochs without a relative improvement of ``min_delta`` in the validation loss
       before stopping (``0`` = never stop early). The best epoch's weights are kept.
     """
@@ -79,8 +79,8 @@ class TrainConfig:
     beta_start: Optional[float] = 0.1
     beta_warmup: float = 0.2
     dead_code_window: Optional[int] = None
-    recon_weight: Optional[float] = None
-    codebook_lr_scale: float = 30.0
+    recon_weight: Optional[float] = 1.0
+    codebook_lr_scale: float = 1.0
     val_fraction: float = 0.05
     patience: int = 5
     min_delta: float = 1e-3

@@ -118,12 +118,19 @@ class RQVAE(nn.Module):
     # -- configuration ---------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        """What defines the architecture (stored in checkpoints; runtime options are not)."""
-        return {"kind": self.kind, "input_dim": self.input_dim, "hidden_dims": list(self.hidden_dims),
-                "latent_dim": self.latent_dim, "num_vq_layers": len(self.num_embeddings_list),
-                "num_embeddings_list": list(self.num_embeddings_list),
-                "commitment_cost": self.commitment_cost, "ema": self.ema, "decay": self.decay,
-                "grad_mode": self.grad_mode, "latent_norm": self.latent_norm}
+        """What defines the architecture (stored in checkpoints; runtime options are not).
+
+        ``latent_norm`` appears only when set, so configurations of the seed's architecture equal
+        those written before the option existed."""
+        config = {"kind": self.kind, "input_dim": self.input_dim,
+                  "hidden_dims": list(self.hidden_dims), "latent_dim": self.latent_dim,
+                  "num_vq_layers": len(self.num_embeddings_list),
+                  "num_embeddings_list": list(self.num_embeddings_list),
+                  "commitment_cost": self.commitment_cost, "ema": self.ema, "decay": self.decay,
+                  "grad_mode": self.grad_mode}
+        if self.latent_norm:
+            config["latent_norm"] = True
+        return config
 
     @classmethod
     def from_config(cls, config: dict, **options) -> "RQVAE":

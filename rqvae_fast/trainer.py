@@ -35,6 +35,8 @@ BN_SETTLE_STEPS = 100
 RESUME_KEYS = ("batch_size", "optimizer", "lr", "weight_decay", "scheduler", "seed", "val_fraction",
                "epochs", "beta_start", "beta_warmup", "dead_code_window", "recon_weight",
                "codebook_lr_scale")
+# What checkpoints written before a setting existed trained with (they resume unchanged).
+RESUME_LEGACY = {"recon_weight": 1.0, "codebook_lr_scale": 1.0}
 
 
 class TrainingDiverged(UserError):
@@ -212,10 +214,14 @@ class Trainer:
                 decay.append(param)
         lr = self.config.learning_rate
         wd = self.config.weight_decay if self.config.optimizer == "adamw" else 0.0
-        return [{"params": decay, "weight_decay": wd, "lr": lr},
-                {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-                {"params": learned_codebooks, "weight_decay": 0.0,
-                 "lr": lr * self.config.codebook_lr_scale}]
+        groups = [{"params": decay, "weight_decay": wd, "lr": lr},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        if self.config.codebook_lr_scale == 1.0:  # two groups, as checkpoints before the option
+            no_decay.extend(learned_codebooks)
+        else:
+            groups.append({"params": learned_codebooks, "weight_decay": 0.0,
+                           "lr": lr * self.config.codebook_lr_scale})
+        return groups
 
     def _optimizer(self):
         lr = self.config.learning_rate
@@ -537,9 +543,10 @@ class Trainer:
         saved = payload.get("trainer")
         if not saved:
             raise CheckpointError(f"{path}: holds no training state to resume")
-        diffs = [k for k in RESUME_KEYS if saved["config"].get(k) != asdict(self.config).get(k)]
+        saved_config = {**RESUME_LEGACY, **saved["config"]}
+        diffs = [k for k in RESUME_KEYS if saved_config.get(k) != asdict(self.config).get(k)]
         if diffs:
-            parts = ", ".join(f"{k}={saved['config'].get(k)!r} (now {getattr(self.config, k)!r})"
+            parts = ", ".join(f"{k}={saved_config.get(k)!r} (now {getattr(self.config, k)!r})"
                               for k in diffs[:4])
             raise CheckpointError(f"{path}: checkpoint was trained with other settings: {parts}")
         if saved["num_items"] != int(data.shape[0]) or \

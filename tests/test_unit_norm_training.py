@@ -89,7 +89,7 @@ def test_latent_norm_is_a_parameter_free_batchnorm_at_the_end_of_the_encoder():
 
 def test_configs_without_latent_norm_rebuild_the_seed_architecture():
     config = RQVAE(24, [20], 6, 2, 8).config
-    del config["latent_norm"]  # checkpoints written before the option existed
+    assert "latent_norm" not in config  # equal to configs written before the option existed
     rebuilt = RQVAE.from_config(config)
     assert rebuilt.latent_norm is False and isinstance(rebuilt.encoder.encoder[-1], nn.Linear)
     assert RQVAE.from_config(RQVAE(24, [20], 6, 2, 8, latent_norm=True).config).latent_norm
@@ -145,3 +145,32 @@ def test_bad_weights_are_clear_errors(option):
     name = "reconstruction weight" if "recon_weight" in option else "codebook learning-rate"
     with pytest.raises(UserError, match=name):
         TrainConfig(**option)
+
+
+def test_checkpoints_from_before_the_options_still_resume(tmp_path):
+    x = unit_norm_embeddings(n=256, dim=32, rank=16, clusters=8)
+
+    def model():
+        torch.manual_seed(0)
+        return RQVAE(32, [16], 4, 2, 8)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    config = _config(epochs=2, batch_size=64)
+    with pytest.raises(Stop):
+        Trainer(model(), config, out_dir=tmp_path, log=lambda _: None,
+                on_epoch_end=stop_after_one).fit(x)
+    path = tmp_path / "checkpoint.pt"
+    payload = torch.load(path, weights_only=False)
+    assert "latent_norm" not in payload["config"]            # as written before the options
+    for key in ("recon_weight", "codebook_lr_scale"):
+        del payload["trainer"]["config"][key]
+    torch.save(payload, path)
+    result = Trainer(model(), config, out_dir=tmp_path, log=lambda _: None).fit(
+        x, resume_from=path)
+    assert [h["epoch"] for h in result.history] == [1, 2]

@@ -65,8 +65,9 @@ class TrainConfig:
     - ``codebook_lr_scale``: learned codebooks train at this multiple of the learning rate (the
       schedule scales them alike; default 1, as the seed). An encoder weight step moves a latent
       by about ``lr`` times the last layer's fan-in times its activations, a codebook step by
-      ``lr``: at 1x the codebooks can lag behind the latents (stale codes, a quantization error above the latent variance);
-      30 is part of the unit-norm recipe in docs/PIPELINE.md. Ignored for EMA codebooks.
+      ``lr``: at 1x the codebooks can lag behind the latents (stale codes, a quantization error
+      above the latent variance); 30 is part of the unit-norm recipe in docs/PIPELINE.md.
+      Ignored for EMA codebooks.
     - ``patience``: epochs without a relative improvement of ``min_delta`` in the validation loss
       before stopping (``0`` = never stop early). The best epoch's weights are kept.
     """

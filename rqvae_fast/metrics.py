@@ -256,11 +256,29 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
             warnings.append(f"high reconstruction loss: only {max(0.0, explained):.0%} of the data "
                             "variance is reconstructed; train longer, or try a larger --latent-dim, "
                             "wider/deeper --hidden-dims, more layers, or a lower --beta")
-    if math.isfinite(facts.relative_quant_error) and facts.relative_quant_error > 0.5:
-        warnings.append(f"high quantization loss: codes miss {facts.relative_quant_error:.0%} of the "
-                        "latent variance; try a higher --beta, larger codebooks, or more data for "
-                        "the k-means initialization")
+    quant_warning = _quantization_warning(facts.relative_quant_error)
+    if quant_warning:
+        warnings.append(quant_warning)
     return warnings
+
+
+def _quantization_warning(relative_error: float) -> str:
+    """The warning for ``relative_error = sum ||z - z_q||^2 / sum ||z - mean(z)||^2`` (``""`` if fine).
+
+    The ratio is not a share: above 1 the codes are farther from the latents than the latents'
+    own mean is (codebooks left behind by an encoder that moved or shrank), so it is reported as
+    such, never as "missing more than 100 % of the variance".
+    """
+    if not math.isfinite(relative_error) or relative_error <= 0.5:
+        return ""
+    if relative_error <= 1.0:
+        return (f"high quantization loss: the codes leave {relative_error:.0%} of the latent "
+                "variance unexplained; try a higher --beta, larger codebooks, or more data for "
+                "the k-means initialization")
+    return (f"high quantization loss: the codes are farther from the latents than the latents' "
+            f"mean is (squared error {relative_error:.2f}x the latent variance, so they explain "
+            "none of it); the encoder's output moved away from the codebooks or collapsed: lower "
+            "the learning rate, raise --beta, keep dead-code reset on, or try --ema")
 
 
 def _collapse_cause(facts: TrainingFacts, size: int) -> str:

@@ -1,7 +1,8 @@
 """The RQ-VAE of the seed document: MLP encoder, fused residual quantizer, mirrored MLP decoder.
 
 Module and parameter names follow the seed (``encoder.encoder.*``, ``vq.vq_layers.*``,
-``decoder.decoder.*``), so a ``state_dict`` saved from the seed's model loads here.
+``decoder.decoder.*``), so a ``state_dict`` saved from the seed's model loads here (with the
+default ``latent_norm=False``).
 """
 from __future__ import annotations
 
@@ -28,11 +29,19 @@ def _mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int) -> nn.Sequential
 
 
 class RQEncoder(nn.Module):
-    """``(N, input_dim) -> (N, latent_dim)`` through the hidden widths in order (a funnel)."""
+    """``(N, input_dim) -> (N, latent_dim)`` through the hidden widths in order (a funnel).
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int):
+    ``latent_norm=True`` appends a ``BatchNorm1d(latent_dim, affine=False)``: every latent
+    dimension has zero mean and unit variance over the batch, so the encoder can neither shrink
+    its output to dodge the commitment loss nor grow it past codebooks that lag behind.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
+                 latent_norm: bool = False):
         super().__init__()
         self.encoder = _mlp(input_dim, hidden_dims, latent_dim)
+        if latent_norm:
+            self.encoder.append(nn.BatchNorm1d(latent_dim, affine=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -71,6 +80,10 @@ class RQVAE(nn.Module):
     ``forward(x (N, input_dim), commitment_cost=None) -> (x_recon (N, input_dim), indices (N, L)
     int64, {"total", "recon", "vq"} 0-d losses)``, as the seed. Quantizer options (``ema``,
     ``decay``, ``grad_mode``, ``precision``, ``backend``) go to :class:`~rqvae_fast.ResidualVQ`.
+
+    ``latent_norm=True`` ends the encoder with a parameter-free ``BatchNorm1d(latent_dim,
+    affine=False)`` (see :class:`RQEncoder`; part of the unit-norm recipe in docs/PIPELINE.md);
+    the default ``False`` is the seed's architecture exactly.
     """
 
     kind = "rqvae"
@@ -78,7 +91,8 @@ class RQVAE(nn.Module):
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int,
                  num_vq_layers: int, num_embeddings_list: Union[int, Sequence[int]],
                  commitment_cost: float = 0.25, *, ema: bool = False, decay: float = 0.99,
-                 grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto"):
+                 grad_mode: str = "seed", precision: Optional[str] = None, backend: str = "auto",
+                 latent_norm: bool = False):
         super().__init__()
         if isinstance(num_embeddings_list, int):
             num_embeddings_list = [num_embeddings_list] * num_vq_layers
@@ -93,7 +107,8 @@ class RQVAE(nn.Module):
         self.ema = bool(ema)
         self.decay = float(decay)
         self.grad_mode = grad_mode
-        self.encoder = RQEncoder(input_dim, self.hidden_dims, latent_dim)
+        self.latent_norm = bool(latent_norm)
+        self.encoder = RQEncoder(input_dim, self.hidden_dims, latent_dim, self.latent_norm)
         self.vq = ResidualVQ(num_vq_layers, self.num_embeddings_list, latent_dim, commitment_cost,
                              ema=ema, decay=decay, grad_mode=grad_mode, precision=precision,
                              backend=backend)
@@ -104,12 +119,19 @@ class RQVAE(nn.Module):
     # -- configuration ---------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        """What defines the architecture (stored in checkpoints; runtime options are not)."""
-        return {"kind": self.kind, "input_dim": self.input_dim, "hidden_dims": list(self.hidden_dims),
-                "latent_dim": self.latent_dim, "num_vq_layers": len(self.num_embeddings_list),
-                "num_embeddings_list": list(self.num_embeddings_list),
-                "commitment_cost": self.commitment_cost, "ema": self.ema, "decay": self.decay,
-                "grad_mode": self.grad_mode}
+        """What defines the architecture (stored in checkpoints; runtime options are not).
+
+        ``latent_norm`` appears only when set, so configurations of the seed's architecture equal
+        those written before the option existed."""
+        config = {"kind": self.kind, "input_dim": self.input_dim,
+                  "hidden_dims": list(self.hidden_dims), "latent_dim": self.latent_dim,
+                  "num_vq_layers": len(self.num_embeddings_list),
+                  "num_embeddings_list": list(self.num_embeddings_list),
+                  "commitment_cost": self.commitment_cost, "ema": self.ema, "decay": self.decay,
+                  "grad_mode": self.grad_mode}
+        if self.latent_norm:
+            config["latent_norm"] = True
+        return config
 
     @classmethod
     def from_config(cls, config: dict, **options) -> "RQVAE":
@@ -118,7 +140,7 @@ class RQVAE(nn.Module):
                    config["num_vq_layers"], config["num_embeddings_list"],
                    config.get("commitment_cost", 0.25), ema=config.get("ema", False),
                    decay=config.get("decay", 0.99), grad_mode=config.get("grad_mode", "seed"),
-                   **options)
+                   latent_norm=config.get("latent_norm", False), **options)
 
     @property
     def codebook_sizes(self) -> List[int]:

@@ -34,7 +34,10 @@ DEFAULT_LR = {"adamw": 1e-3, "adagrad": 0.01}
 BN_SETTLE_STEPS = 100
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = ("batch_size", "optimizer", "lr", "weight_decay", "scheduler", "seed", "val_fraction",
-               "epochs", "beta_start", "beta_warmup", "dead_code_window")
+               "epochs", "beta_start", "beta_warmup", "dead_code_window", "recon_weight",
+               "codebook_lr_scale")
+# What checkpoints written before a setting existed trained with (they resume unchanged).
+RESUME_LEGACY = {"recon_weight": 1.0, "codebook_lr_scale": 1.0}
 
 
 class TrainingDiverged(UserError):
@@ -53,6 +56,19 @@ class TrainConfig:
       residuals; ``None`` = one epoch, ``0`` = never. Not done in the final epoch.
     - ``output_init``: before the codebook k-means of a fresh model, start the decoder's output
       layer at the data mean with small weights (:meth:`RQVAE.initialize_output_layer`).
+    - ``recon_weight``: weight of the reconstruction MSE in the training loss (the VQ loss has
+      weight 1; the default 1.0 is the seed's plain sum). ``None`` = ``1 / mean per-dimension
+      variance of the data``: the term is then the share of the data variance not reconstructed
+      (about 1 at the start whatever the data's scale), so it is not drowned by the latent-space
+      VQ loss. Unit-norm 256-d embeddings have a per-dimension variance of ~0.004; with weight 1
+      the VQ loss outweighs the reconstruction ~30x and the encoder collapses onto a few
+      directions. The logged ``recon`` stays the plain MSE; ``total`` is the weighted sum.
+    - ``codebook_lr_scale``: learned codebooks train at this multiple of the learning rate (the
+      schedule scales them alike; default 1, as the seed). An encoder weight step moves a latent
+      by about ``lr`` times the last layer's fan-in times its activations, a codebook step by
+      ``lr``: at 1x the codebooks can lag behind the latents (stale codes, a quantization error
+      above the latent variance); 30 is part of the unit-norm recipe in docs/PIPELINE.md.
+      Ignored for EMA codebooks.
     - ``patience``: epochs without a relative improvement of ``min_delta`` in the validation loss
       before stopping (``0`` = never stop early). The best epoch's weights are kept.
     """
@@ -67,6 +83,8 @@ class TrainConfig:
     beta_start: Optional[float] = 0.1
     beta_warmup: float = 0.2
     dead_code_window: Optional[int] = None
+    recon_weight: Optional[float] = 1.0
+    codebook_lr_scale: float = 1.0
     val_fraction: float = 0.05
     patience: int = 5
     min_delta: float = 1e-3
@@ -95,6 +113,13 @@ class TrainConfig:
             raise UserError(f"learning rate must be > 0, got {self.lr}")
         if self.beta_start is not None and self.beta_start < 0:
             raise UserError(f"beta start must be >= 0, got {self.beta_start}")
+        if not (self.codebook_lr_scale > 0 and math.isfinite(self.codebook_lr_scale)):
+            raise UserError(f"codebook learning-rate scale must be a finite number > 0, got "
+                            f"{self.codebook_lr_scale}")
+        if self.recon_weight is not None and not (self.recon_weight > 0
+                                                  and math.isfinite(self.recon_weight)):
+            raise UserError(f"reconstruction weight must be a finite number > 0, got "
+                            f"{self.recon_weight}")
 
     @property
     def learning_rate(self) -> float:
@@ -123,6 +148,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available")
     return device
+
+
+def recon_weight(configured: Optional[float], data_variance: float) -> float:
+    """``configured``, or for ``None`` ``1 / data_variance`` (mean per-dimension variance; 1.0
+    for constant data)."""
+    if configured is not None:
+        return float(configured)
+    return 1.0 / data_variance if data_variance > 0 and math.isfinite(data_variance) else 1.0
 
 
 def _data_checksum(data: torch.Tensor) -> float:
@@ -172,17 +205,25 @@ class Trainer:
     def _param_groups(self):
         codebooks = {id(layer.embeddings) for layer in self.model.vq.vq_layers}
         ema = bool(getattr(self.model.vq, "ema", False))
-        decay, no_decay = [], []
+        decay, no_decay, learned_codebooks = [], [], []
         for name, param in self.model.named_parameters():
             if id(param) in codebooks:
                 if not ema:  # EMA codebooks move by averages, not by the optimizer
-                    no_decay.append(param)
+                    learned_codebooks.append(param)
             elif param.dim() < 2:  # biases, BatchNorm
                 no_decay.append(param)
             else:
                 decay.append(param)
+        lr = self.config.learning_rate
         wd = self.config.weight_decay if self.config.optimizer == "adamw" else 0.0
-        return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": wd, "lr": lr},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+        if self.config.codebook_lr_scale == 1.0:  # two groups, as checkpoints before the option
+            no_decay.extend(learned_codebooks)
+        else:
+            groups.append({"params": learned_codebooks, "weight_decay": 0.0,
+                           "lr": lr * self.config.codebook_lr_scale})
+        return groups
 
     def _optimizer(self):
         lr = self.config.learning_rate
@@ -197,7 +238,8 @@ class Trainer:
             # 10% warm-up, but at least two steps (OneCycleLR needs each phase to span steps)
             pct_start = min(0.5, max(0.1, 2.5 / total_steps))
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=self.config.learning_rate, total_steps=total_steps,
+                optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=total_steps,
                 pct_start=pct_start, cycle_momentum=False)
         if self.config.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
@@ -235,6 +277,7 @@ class Trainer:
         total_steps = cfg.epochs * steps_per_epoch
         window = steps_per_epoch if cfg.dead_code_window is None else int(cfg.dead_code_window)
         data_var = float(source.var(dim=0, unbiased=False).mean())
+        self._recon_weight = recon_weight(cfg.recon_weight, data_var)
 
         optimizer = self._optimizer()
         scheduler = self._scheduler(optimizer, total_steps)
@@ -334,6 +377,10 @@ class Trainer:
         improved = not math.isfinite(best) or monitor < best * (1.0 - cfg.min_delta)
         return cfg.patience > 0 and not improved and state["bad_epochs"] + 1 >= cfg.patience
 
+    def _total(self, losses: dict) -> torch.Tensor:
+        """The training objective: weighted reconstruction MSE + VQ loss (0-d)."""
+        return self._recon_weight * losses["recon"] + losses["vq"]
+
     def _batches(self, rows: torch.Tensor, gen: torch.Generator) -> List[torch.Tensor]:
         shuffled = rows[torch.randperm(rows.numel(), generator=gen)]
         batches = list(shuffled.split(self.config.batch_size))
@@ -354,7 +401,7 @@ class Trainer:
             xb = source[rows.to(source.device)]
             beta = self._beta(state["step"], total_steps)
             out = model.run(xb, beta)
-            loss = out.losses["total"]
+            loss = self._total(out.losses)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -364,7 +411,8 @@ class Trainer:
                 scheduler.step()
             state["step"] += 1
             with torch.no_grad():
-                sums += torch.stack([out.losses[k].detach().double() for k in ("total", "recon", "vq")])
+                sums += torch.stack([v.detach().double() for v in
+                                     (loss, out.losses["recon"], out.losses["vq"])])
                 for layer, counts in enumerate(window_counts):
                     idx = out.indices[:, layer]
                     counts.index_add_(0, idx.clamp(min=0), (idx >= 0).float())
@@ -424,7 +472,8 @@ class Trainer:
             totals = np.zeros(3)
             for rows in val_rows.split(cfg.eval_batch_size):
                 out = model.run(source[rows.to(source.device)], target)
-                losses = [float(out.losses[k]) for k in ("total", "recon", "vq")]
+                losses = [float(v) for v in
+                          (self._total(out.losses), out.losses["recon"], out.losses["vq"])]
                 totals += rows.numel() * np.array(losses)
             totals /= val_rows.numel()
             record.update(val_total=totals[0], val_recon=totals[1], val_vq=totals[2])
@@ -509,9 +558,10 @@ class Trainer:
         saved = payload.get("trainer")
         if not saved:
             raise CheckpointError(f"{path}: holds no training state to resume")
-        diffs = [k for k in RESUME_KEYS if saved["config"].get(k) != asdict(self.config).get(k)]
+        saved_config = {**RESUME_LEGACY, **saved["config"]}
+        diffs = [k for k in RESUME_KEYS if saved_config.get(k) != asdict(self.config).get(k)]
         if diffs:
-            parts = ", ".join(f"{k}={saved['config'].get(k)!r} (now {getattr(self.config, k)!r})"
+            parts = ", ".join(f"{k}={saved_config.get(k)!r} (now {getattr(self.config, k)!r})"
                               for k in diffs[:4])
             raise CheckpointError(f"{path}: checkpoint was trained with other settings: {parts}")
         if saved["num_items"] != int(data.shape[0]) or \

@@ -339,3 +339,16 @@ def test_diagnose_other_symptoms():
     assert "unstable" in diagnose(_facts(monitor=3.0, previous_monitor=[1.0, 1.2]))[0]
     # in the first epochs only divergence and instability are reported
     assert diagnose(_facts(layer_usage=[0.01, 0.01], recon_loss=0.9, settled=False)) == []
+
+
+@pytest.mark.parametrize("ratio", [0.8, 1.0, 2.17])
+def test_quantization_warning_never_reports_more_than_all_of_the_variance(ratio):
+    # issue 11: a collapsed run printed "codes miss 217% of the latent variance"
+    warnings = [w for w in diagnose(_facts(relative_quant_error=ratio)) if "quantization" in w]
+    assert len(warnings) == 1
+    percents = [int(p) for p in re.findall(r"(\d+)%", warnings[0])]
+    assert all(p <= 100 for p in percents), warnings[0]
+    if ratio > 1:
+        assert "2.17x the latent variance" in warnings[0] and "farther" in warnings[0]
+    else:
+        assert f"{ratio:.0%}" in warnings[0]

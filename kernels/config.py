@@ -5,11 +5,11 @@ arch family)`` and is enumerated by :func:`launch_configs`, so the offline gate
 (``python -m rqvae_fast.kernels.report``) compiles exactly what runs. The table is fixed without
 running anything (no autotuning), chosen from that report:
 
-- the embedding dim is cut into chunks of ``BLOCK_DC`` columns (64, 32 or 16: the widest that
-  divides ``D`` rounded up to 16, the narrowest ``tl.dot`` operand), so ``D`` pads at most to the
+- the embedding dim is cut into chunks of ``BLOCK_DC`` columns (64, 32 or 16: the widest allowed
+  that divides ``D`` rounded up to 16, the narrowest ``tl.dot`` operand), so ``D`` pads at most to the
   next multiple of 16 (768 = 12 x 64, 48 = 3 x 16, 1000 -> 1008 = 63 x 16);
-- ``BLOCK_M = BLOCK_K = 64`` rows and codes per tile at every D: tensor cores (``wgmma`` needs 64
-  rows per warpgroup) and a bounded register footprint, whatever D is.
+- 64 rows per tile at every D: tensor cores (``wgmma`` needs 64 rows per warpgroup) and a
+  register footprint that does not grow with D (see :func:`forward_tiles`).
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def padded_dim(dim: int) -> int:
     return max(DOT_MIN_WIDTH, -(-dim // DOT_MIN_WIDTH) * DOT_MIN_WIDTH)
 
 
-def chunk_width(dim: int) -> int:
-    """The widest of ``CHUNK_WIDTHS`` dividing :func:`padded_dim`."""
+def chunk_width(dim: int, widest: int = CHUNK_WIDTHS[0]) -> int:
+    """The widest of ``CHUNK_WIDTHS`` (at most ``widest``) dividing :func:`padded_dim`."""
     padded = padded_dim(dim)
-    return next(w for w in CHUNK_WIDTHS if padded % w == 0)
+    return next(w for w in CHUNK_WIDTHS if w <= widest and padded % w == 0)
 
 
 def arch_family(capability_major: int) -> str:
@@ -58,13 +58,27 @@ def arch_family(capability_major: int) -> str:
 
 
 def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
-    """Tiles of the fused forward. ``"exact"`` uses the ``"ieee"`` tiles on purpose: its rescans
-    must reproduce the plain exact path bit for bit, so they run the same tile shapes."""
+    """Tiles of the fused forward, per (precision, arch family); chosen with the compile report
+    (zero spills, tensor cores for tf32/bf16 at every D, at most 255 registers at 4 warps).
+
+    - ``"ieee"`` (FMA dot): 64 x 32 score tiles, chunks of at most 32 columns.
+    - ``"exact"``: the ``"ieee"`` tiles on purpose -- its rescans must reproduce the plain exact
+      path bit for bit, so they run the same tile shapes and chunk order.
+    - ``"tf32"``/``"bf16"``: 64 x 64 score tiles (``BLOCK_M = 64`` feeds one m64 ``wgmma`` per
+      warpgroup on sm_90a), chunks of up to 64 columns (32 on sm_80, whose ``mma`` operands live in
+      registers); one pipeline stage once rows are re-read from the scratch.
+    """
     _check(dim, arch)
-    width = chunk_width(dim)
-    # One warpgroup of 4 warps: BLOCK_M = 64 feeds one wgmma (m64) per tile on sm_90a.
-    return TileConfig(block_m=64, block_k=64, block_dc=width, num_chunks=padded_dim(dim) // width,
-                      num_warps=4, num_stages=2)
+    if precision in ("ieee", "exact"):
+        width = chunk_width(dim, 32)
+        return TileConfig(block_m=64, block_k=32, block_dc=width, num_chunks=padded_dim(dim) // width,
+                          num_warps=4, num_stages=2 if arch == "sm90" else 1)
+    if precision not in ("tf32", "bf16"):
+        raise ValueError(f"precision must be one of ieee, tf32, bf16, exact; got {precision!r}")
+    width = chunk_width(dim, 64 if arch == "sm90" else 32)
+    chunks = padded_dim(dim) // width
+    return TileConfig(block_m=64, block_k=64, block_dc=width, num_chunks=chunks, num_warps=4,
+                      num_stages=2 if chunks == 1 else 1)
 
 
 def input_grad_tiles(dim: int, arch: str) -> TileConfig:

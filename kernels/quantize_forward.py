@@ -118,19 +118,19 @@ def _residual_quantize_fwd_kernel(
         r_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         t_regs = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
         if NUM_DC == 1:
-            x_regs, bad_count = _load_rows(x_ptr, rows, dcs, N, D)
+            x, bad_count = _load_rows(x_ptr, rows, dcs, N, D)
             row_ok = row_in & (bad_count == 0)
-            r_regs = tl.where(row_ok[:, None], x_regs, 0.0)
+            r_regs = tl.where(row_ok[:, None], x, 0.0)
             r_sq = tl.sum(r_regs * r_regs, axis=1)
         else:
             r_regs = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)  # unused: rows live in scratch
             bad_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for c in range(NUM_DC):
-                _, bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
+                _x, bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
                 bad_count += bad
             row_ok = row_in & (bad_count == 0)
             for c in range(NUM_DC):
-                x, _ = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
+                x, _bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
                 x = tl.where(row_ok[:, None], x, 0.0)
                 r_sq += tl.sum(x * x, axis=1)
                 tl.store(res_scratch + local + c * BLOCK_DC, x)
@@ -187,14 +187,14 @@ def _residual_quantize_fwd_kernel(
 
         # --- output ---------------------------------------------------------------------------
         if NUM_DC == 1:
-            x_ok = tl.where(row_ok[:, None], x_regs, 0.0)
-            out = _final_chunk(x_ok, t_regs, row_ok, ROUTING)
+            x, _bad = _load_rows(x_ptr, rows, dcs, N, D)  # re-read (L2) rather than held in registers
+            out = _final_chunk(tl.where(row_ok[:, None], x, 0.0), t_regs, row_ok, ROUTING)
             tl.store(out_ptr + rows[:, None] * D + dcs[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=row_in[:, None] & (dcs < D)[None, :])
         else:
             for c in range(NUM_DC):
                 dims = c * BLOCK_DC + dcs
-                x, _ = _load_rows(x_ptr, rows, dims, N, D)
+                x, _bad = _load_rows(x_ptr, rows, dims, N, D)
                 x_ok = tl.where(row_ok[:, None], x, 0.0)
                 out = _final_chunk(x_ok, tl.load(tot_scratch + local + c * BLOCK_DC), row_ok, ROUTING)
                 tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),

@@ -154,12 +154,12 @@ def rescan(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k_start, k_end, D, need
     best_idx = tl.zeros((BLOCK_M,), dtype=tl.int32) + k_start
     scored = 0
     for k0 in range(k_start, k_end, BLOCK_K):
-        fast, _ = tile_scores(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k0, k_end, D,
+        fast, fast_norms = tile_scores(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k0, k_end, D,
                               "tf32", EMULATE, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
         candidate = needs[:, None] & (fast <= limit[:, None])
         if tl.max(candidate.to(tl.int32)) > 0:
-            dist, _ = tile_scores(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k0, k_end, D,
+            dist, norms = tile_scores(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k0, k_end, D,
                                   "ieee", EMULATE, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
-            best, best_idx, _, _, _ = merge_tile(dist, k0, best, best_idx, BLOCK_K)
+            best, best_idx, tile_best, tile_idx, better = merge_tile(dist, k0, best, best_idx, BLOCK_K)
             scored += 1
     return best_idx, scored

@@ -5,7 +5,8 @@ every row's nearest code with :mod:`.search` (codebook streamed in ``BLOCK_K``-c
 accumulated over ``BLOCK_DC``-wide chunks of D with ``tl.dot``, so no ``N x K`` matrix exists and
 no register tile grows with D), gathers the chosen code, updates the residual, adds the layer's
 squared error to a per-tile partial sum and (optionally) scatters the per-code count and residual
-sum that both the codebook gradient and the EMA update need.
+sum that both the codebook gradient and the EMA update need (relaxed atomics: ``red``-style
+adds with no memory-ordering fences, 4-wide ``v4.f32`` where the chunk allows).
 
 The tile's residual and running output stay in registers when D fits one chunk; wider rows keep
 them in a per-program fp32 scratch ``(programs, 2, BLOCK_M, D padded)`` (L1/L2-resident), re-read
@@ -51,7 +52,7 @@ def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D,
     chosen = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0.0).to(tl.float32)
     err = chosen - r
     if WITH_STATS:
-        tl.atomic_add(sum_ptr + code_offsets, r, mask=code_mask)
+        tl.atomic_add(sum_ptr + code_offsets, r, mask=code_mask, sem="relaxed")
     if ROUTING == 0:    # seed: the next residual subtracts the straight-through output
         straight_through = r + err
         t = t + straight_through
@@ -154,14 +155,15 @@ def _residual_quantize_fwd_kernel(
                         r_regs, res_scratch, search_ptr, sq_norm_ptr, k_start, k_end, D, needs,
                         best + 2.0 * bound, EMULATE, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
                     best_idx = tl.where(needs, exact_idx, best_idx)
-                    tl.atomic_add(rescan_ptr + layer * 3, flagged)
-                    tl.atomic_add(rescan_ptr + layer * 3 + 1, 1)
-                    tl.atomic_add(rescan_ptr + layer * 3 + 2, scored)
+                    tl.atomic_add(rescan_ptr + layer * 3, flagged, sem="relaxed")
+                    tl.atomic_add(rescan_ptr + layer * 3 + 1, 1, sem="relaxed")
+                    tl.atomic_add(rescan_ptr + layer * 3 + 2, scored, sem="relaxed")
 
             local_idx = tl.where(row_ok, best_idx - k_start, -1)
             tl.store(idx_ptr + rows * NUM_LAYERS + layer, local_idx.to(tl.int64), mask=row_in)
             if WITH_STATS:
-                tl.atomic_add(count_ptr + best_idx, tl.full((BLOCK_M,), 1, tl.int32), mask=row_ok)
+                tl.atomic_add(count_ptr + best_idx, tl.full((BLOCK_M,), 1, tl.int32), mask=row_ok,
+                              sem="relaxed")
 
             # --- gather, residual update, loss partial, statistics ---------------------------
             if NUM_DC == 1:

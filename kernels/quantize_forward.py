@@ -208,14 +208,15 @@ _sm_counts = {}
 
 
 def max_programs(device: torch.device) -> int:
-    """Size cap of the persistent grid: a few programs per SM on CUDA; 2 under the interpreter
-    (so tests walk several tiles per program)."""
+    """Size cap of the persistent grid: two programs per SM on CUDA (the fewest the compile report
+    shows resident for any forward configuration, so the grid is one wave); 2 under the
+    interpreter (so tests walk several tiles per program)."""
     if device.type != "cuda":
         return 2
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _sm_counts:
         _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _sm_counts[index]
+    return 2 * _sm_counts[index]
 
 
 def device_arch(device: torch.device) -> str:

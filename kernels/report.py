@@ -301,13 +301,19 @@ def _variant(cfg: LaunchConfig) -> str:
 
 
 def ci_subset(archs: Iterable[str]) -> List[Row]:
-    """The CI test's rows: every D, precision and kernel on every arch, with statistics and the
-    seed routing; plus both other routings and no statistics at D 32, 64 and 768 (the full
-    matrix runs from the CLI)."""
-    rows = enumerate_rows(archs, DIMS, stats=(True,), routings=(0,))
-    rows += enumerate_rows(archs, (32, 64, 768), kernels=("forward",), stats=(False, True), routings=(1, 2))
-    rows += enumerate_rows(archs, (32, 64, 768), kernels=("forward",), stats=(False,), routings=(0,))
-    rows += enumerate_rows(archs, DIMS, kernels=("input_grad",), routings=(1,))
+    """The CI test's rows (about 160, a few minutes on 2 cores): every D, precision and kernel on
+    every arch, the forward with statistics and the ``full`` routing (the most registers), the
+    input gradient with every layer's term and an output gradient (the most loads); plus the other
+    routings and no statistics for the tf32 and exact searches at D 64 (registers path) and 768
+    (scratch path). The full matrix runs from the CLI."""
+    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,))
+    for routings, stats in (((0, 2), (True,)), ((1,), (False,))):
+        rows += enumerate_rows(archs, (64, 768), kernels=("forward",), precisions=("tf32", "exact"),
+                               stats=stats, routings=routings)
+    grads = enumerate_rows(archs, DIMS, kernels=("input_grad",), routings=(1,))
+    rows += [r for r in grads if r.variant.startswith("grad_out")]
+    rows += [r for r in enumerate_rows(archs, (64, 768), kernels=("input_grad",), routings=(0,))
+             if r.variant.startswith("no_grad_out")]
     return rows
 
 

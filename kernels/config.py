@@ -92,7 +92,7 @@ def input_grad_tiles(dim: int, arch: str) -> TileConfig:
 def forward_constexprs(tiles: TileConfig, *, num_layers: int, routing: int, precision: str,
                        with_stats: bool, emulate: bool) -> Dict[str, object]:
     """The forward kernel's compile-time arguments (launcher and report build them here)."""
-    search = "tf32" if precision == "exact" else precision
+    search = "tf32x3" if precision == "exact" else precision
     return dict(NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats, SEARCH=search,
                 EXACT=precision == "exact", EMULATE=emulate, BLOCK_M=tiles.block_m,
                 BLOCK_K=tiles.block_k, BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks)

@@ -94,7 +94,7 @@ def _residual_quantize_fwd_kernel(
     NUM_LAYERS: tl.constexpr,
     ROUTING: tl.constexpr,        # 0 seed, 1 full, 2 layer_ste (see rqvae_fast.routing)
     WITH_STATS: tl.constexpr,
-    SEARCH: tl.constexpr,         # "ieee" | "tf32" | "bf16": precision of the scoring dot
+    SEARCH: tl.constexpr,         # "ieee" | "tf32" | "bf16" | "tf32x3" (exact's): the scoring dot
     EXACT: tl.constexpr,          # rescan rows the tf32 search cannot decide (see .search)
     EMULATE: tl.constexpr,        # interpreter: reduced-precision operands emulated exactly
     BLOCK_M: tl.constexpr,

@@ -6,8 +6,9 @@ chunk. Codes are scored as ``||c||^2 - 2 r.c`` with the dot accumulated over the
 fixed order, tile by tile of ``BLOCK_K`` codes, keeping a running (min, argmin): ties go to the
 lowest index (in a tile by ``tl.argmin``, across tiles by a strict ``<``).
 
-Exact indices at tensor-core speed (``EXACT``): a first pass scores with tf32 and keeps each row's
-best and second-best fast score. The fast score of a code differs from the plain exact (``ieee``)
+Exact indices at tensor-core speed (``EXACT``): a first pass scores with three tf32 tensor-core
+dots on a hi/lo split of the operands (``"tf32x3"``) and keeps each row's best and second-best
+fast score. The fast score of a code differs from the plain exact (``ieee``)
 path's score of the same code by at most ``B`` (see :func:`fast_score_bound`). If
 ``second - best > 2 B`` the fast winner ``j*`` is provably the exact winner: for any other code j,
 ``exact(j) >= fast(j) - B >= second - B > best + B >= exact(j*)`` -- strictly, so tie rules
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 # Unit roundoffs of the bound, generous on purpose (see fast_score_bound).
-TF32_OPERAND_U = tl.constexpr(2.0 ** -10)  # tf32 keeps 10 mantissa bits; truncation error < 2^-10 relative
+SPLIT_OPERAND_U = tl.constexpr(2.0 ** -20)  # tf32 of the low part of a hi/lo split: < 2^-20 relative
 ACCUM_U = tl.constexpr(2.0 ** -22)         # fp32 accumulation, with 4x slack for unspecified tensor-core order
 SAFETY = tl.constexpr(1.25)                # covers the fp32 rounding of ||r||, max ||c|| and the bound itself
 
@@ -32,6 +33,16 @@ def tf32_truncate(v):
 
 
 @triton.jit
+def tf32_dot(r, c, acc, EMULATE: tl.constexpr):
+    """``acc + r @ c^T`` on tf32 tensor cores (``EMULATE``: operands truncated, exact products)."""
+    if EMULATE:
+        acc = tl.dot(tf32_truncate(r), tl.trans(tf32_truncate(c)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(r, tl.trans(c), acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
 def chunk_dot(r, c, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
     """``acc + r @ c^T`` for ``r (BLOCK_M, BLOCK_DC)``, ``c (BLOCK_K, BLOCK_DC)`` fp32.
 
@@ -40,11 +51,16 @@ def chunk_dot(r, c, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
     """
     if PRECISION == "ieee":
         acc = tl.dot(r, tl.trans(c), acc, input_precision="ieee")
+    elif PRECISION == "tf32x3":
+        # r c ~ r_hi c_hi + r_hi c_lo + r_lo c_hi with r_hi = tf32(r), r_lo = r - r_hi (exact):
+        # three tf32 tensor-core dots, error ~3 * 2^-20 relative (see fast_score_bound).
+        r_hi = tf32_truncate(r)
+        c_hi = tf32_truncate(c)
+        acc = tf32_dot(r - r_hi, c_hi, acc, EMULATE)
+        acc = tf32_dot(r_hi, c - c_hi, acc, EMULATE)
+        acc = tf32_dot(r_hi, c_hi, acc, EMULATE)
     elif PRECISION == "tf32":
-        if EMULATE:
-            acc = tl.dot(tf32_truncate(r), tl.trans(tf32_truncate(c)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(r, tl.trans(c), acc, input_precision="tf32")
+        acc = tf32_dot(r, c, acc, EMULATE)
     else:
         if EMULATE:  # products of bf16 values are exact in fp32
             acc = tl.dot(r.to(tl.bfloat16).to(tl.float32),
@@ -124,19 +140,26 @@ def nearest_code(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k_start, k_end, D
 
 @triton.jit
 def fast_score_bound(r_sq, max_code_sq, D_PAD: tl.constexpr):
-    """``(BLOCK_M,)`` bound ``B`` on |fast tf32 score - plain exact score| of any code of a row.
+    """``(BLOCK_M,)`` bound ``B`` on |fast score - plain exact score| of any code of a row, for the
+    ``"tf32x3"`` fast search.
 
-    With ``R = ||r||``, ``C`` the layer's largest finite code norm, ``u_op = 2^-10`` (tf32
-    operands truncated), ``u = 2^-22`` (fp32 accumulation/rounding, 4x generous):
-    ``|dot_tf32 - dot_ieee| <= (2 u_op + u_op^2 + 2 D u) R C`` (operand error of each product,
-    summed with Cauchy-Schwarz, plus both accumulations' error), and each score rounds
-    ``||c||^2 - 2 dot`` once, off by at most ``u (C^2 + 2 R C)``. So
-    ``B = SAFETY * (2 (2 u_op + u_op^2 + 2 D u) R C + 2 u (C^2 + 2 R C))``.
+    Notation: ``R = ||r||``, ``C`` the layer's largest finite code norm, ``T`` the tf32 operand
+    conversion (truncation or rounding: relative error < ``2^-10``), ``v = 2^-22`` (one fp32
+    addition or rounding, 4x generous: tensor-core accumulation order and rounding are
+    unspecified). With ``r_hi = T(r)``, ``r_lo = r - r_hi`` (exact, ``|r_lo| < 2^-10 |r|``) and
+    likewise for c, the fast dot sums ``r_hi c_hi + r_hi T(c_lo) + T(r_lo) c_hi`` per coordinate; it
+    misses ``r_hi (c_lo - T(c_lo)) + (r_lo - T(r_lo)) c_hi + r_lo c_lo``, at most ``3 * 2^-20 |r_i c_i|``
+    (products of tf32 values are exact in fp32). Summed by Cauchy-Schwarz (``sum |r_i c_i| <= R C``)
+    and adding the 3D accumulation roundings of the fast dot and the D of the exact one:
+    ``|dot_fast - dot_exact| <= (3 * 2^-20 + 4 D v) R C``. Each score rounds ``||c||^2 - 2 dot``
+    once, off by at most ``v (C^2 + 2 R C)``. So
+    ``B = SAFETY * (2 (3 * 2^-20 + 4 D v) R C + 2 v (C^2 + 2 R C))``, ``SAFETY`` covering the
+    rounding of ``R``, ``C`` and ``B`` themselves.
     """
     r_norm = tl.sqrt(r_sq)
     c_norm = tl.sqrt(max_code_sq)
     rc = r_norm * c_norm
-    dot_err = (2.0 * TF32_OPERAND_U + TF32_OPERAND_U * TF32_OPERAND_U + 2.0 * D_PAD * ACCUM_U) * rc
+    dot_err = (3.0 * SPLIT_OPERAND_U + 4.0 * D_PAD * ACCUM_U) * rc
     bound = SAFETY * (2.0 * dot_err + 2.0 * ACCUM_U * (max_code_sq + 2.0 * rc))
     return tl.where(bound == bound, bound, float("inf"))  # NaN (inf * 0) -> always rescan
 
@@ -155,7 +178,7 @@ def rescan(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k_start, k_end, D, need
     scored = 0
     for k0 in range(k_start, k_end, BLOCK_K):
         fast, fast_norms = tile_scores(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k0, k_end, D,
-                              "tf32", EMULATE, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
+                                       "tf32x3", EMULATE, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
         candidate = needs[:, None] & (fast <= limit[:, None])
         if tl.max(candidate.to(tl.int32)) > 0:
             dist, norms = tile_scores(r_regs, scratch_ptr, search_ptr, sq_norm_ptr, k0, k_end, D,

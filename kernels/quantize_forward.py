@@ -13,6 +13,15 @@ them in a per-program fp32 scratch ``(programs, 2, BLOCK_M, D padded)`` (L1/L2-r
 chunk by chunk, with a barrier between the phases that write and read it.
 
 Rows holding NaN/Inf get index -1 and a NaN output, and stay out of the statistics.
+
+Statistics cost ``D + 1`` element atomics per row and layer (``D / 4`` ``red.v4.f32`` and one
+``red.u32`` instructions). Aggregating per code inside a 64-row tile first (a one-hot dot) would
+save little: 64 rows hit ~57 distinct codes of 256 (~62 of 1024), so the atomics drop by ~11 %
+(~3 %) for an extra dot as large as the search. Per-program accumulators over many tiles need
+``K x D`` fp32 per layer per program (32 KiB at K 256, D 32; 256 KiB at K 1024, D 64) that
+Triton can neither keep in registers nor pin in shared memory across tiles, and a global copy
+moves the cost to a ``K x D`` read-modify-write per tile. So statistics stay per row; the
+deterministic mode (``rqvae_fast.sorted_stats``) avoids float atomics altogether.
 """
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ running anything (no autotuning), chosen from that report:
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 KERNELS = ("forward", "input_grad")
 ARCHS = ("sm80", "sm90")
 DOT_MIN_WIDTH = 16
 CHUNK_WIDTHS = (64, 32, 16)
+MAX_REGISTERS = 255
 
 
 class TileConfig(NamedTuple):
@@ -28,6 +29,9 @@ class TileConfig(NamedTuple):
     num_chunks: int   # chunks per row: ceil(D / block_dc); D pads to num_chunks * block_dc
     num_warps: int
     num_stages: int
+    # ``.maxnreg`` for ptxas: without it ptxas may cap registers below 255 on its own (for
+    # occupancy) and spill; the report showed 4-32 B spills at 128-168 registers otherwise.
+    max_registers: Optional[int] = None
 
     @property
     def padded_dim(self) -> int:
@@ -39,6 +43,11 @@ class LaunchConfig(NamedTuple):
     constexprs: Dict[str, object]
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None
+
+    def options(self) -> Dict[str, int]:
+        """Launch/compile options (``num_warps``, ``num_stages``, ``maxnreg`` where set)."""
+        return launch_options(self)
 
 
 def padded_dim(dim: int) -> int:
@@ -67,18 +76,36 @@ def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     - ``"tf32"``/``"bf16"``: 64 x 64 score tiles (``BLOCK_M = 64`` feeds one m64 ``wgmma`` per
       warpgroup on sm_90a), chunks of up to 64 columns (32 on sm_80, whose ``mma`` operands live in
       registers); one pipeline stage once rows are re-read from the scratch.
+    - sm_80 runs the scratch path (several chunks) with 8 warps: at 4 it spills a few bytes.
+      Either way two warpgroups' worth of warps are resident per SM at 255 registers.
     """
     _check(dim, arch)
     if precision in ("ieee", "exact"):
         width = chunk_width(dim, 32)
-        return TileConfig(block_m=64, block_k=32, block_dc=width, num_chunks=padded_dim(dim) // width,
-                          num_warps=4, num_stages=2 if arch == "sm90" else 1)
+        chunks = padded_dim(dim) // width
+        return TileConfig(block_m=64, block_k=32, block_dc=width, num_chunks=chunks,
+                          num_warps=_warps(arch, chunks), num_stages=2 if arch == "sm90" else 1,
+                          max_registers=MAX_REGISTERS)
     if precision not in ("tf32", "bf16"):
         raise ValueError(f"precision must be one of ieee, tf32, bf16, exact; got {precision!r}")
     width = chunk_width(dim, 64 if arch == "sm90" else 32)
     chunks = padded_dim(dim) // width
-    return TileConfig(block_m=64, block_k=64, block_dc=width, num_chunks=chunks, num_warps=4,
-                      num_stages=2 if chunks == 1 else 1)
+    return TileConfig(block_m=64, block_k=64, block_dc=width, num_chunks=chunks,
+                      num_warps=_warps(arch, chunks), num_stages=2 if chunks == 1 else 1,
+                      max_registers=MAX_REGISTERS)
+
+
+def _warps(arch: str, chunks: int) -> int:
+    """4 warps (one warpgroup), except sm_80's scratch path (several chunks), which spills at 4."""
+    return 8 if arch == "sm80" and chunks > 1 else 4
+
+
+def launch_options(cfg) -> Dict[str, int]:
+    """``num_warps``/``num_stages``/``maxnreg`` of a :class:`TileConfig` or :class:`LaunchConfig`."""
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.max_registers is not None:
+        opts["maxnreg"] = cfg.max_registers
+    return opts
 
 
 def input_grad_tiles(dim: int, arch: str) -> TileConfig:
@@ -115,7 +142,7 @@ def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, rout
         tiles = forward_tiles(dim, precision, arch)
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing,
                                     precision=precision, with_stats=with_stats, emulate=False)
-        return [LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages)]
+        return [LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages, tiles.max_registers)]
     if kernel == "input_grad":
         tiles = input_grad_tiles(dim, arch)
         commit = 1 if routing == 0 else num_layers

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import arch_family, forward_constexprs, forward_tiles
+from .config import arch_family, forward_constexprs, forward_tiles, launch_options
 from .search import fast_score_bound, nearest_code, rescan
 from .tiles import chunk_tile
 from .traceable import traceable
@@ -278,8 +278,7 @@ def residual_quantize_forward(
                                     with_stats=with_stats, emulate=x.device.type == "cpu")
         traceable(_residual_quantize_fwd_kernel)[(programs,)](
             x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts,
-            sums, scratch, rescans, n, dim, **consts,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            sums, scratch, rescans, n, dim, **consts, **launch_options(tiles),
         )
     if not with_stats:
         counts, sums = counts[:0], sums.new_empty((0, dim))

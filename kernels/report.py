@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import KERNELS, LaunchConfig, launch_configs
+from .config import KERNELS, LaunchConfig, launch_configs, launch_options
 
 DIMS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 FORWARD_PRECISIONS = ("ieee", "tf32", "bf16", "exact")
@@ -69,6 +69,7 @@ class Row:
     constexprs: Dict[str, object]
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None
     registers: Optional[int] = None
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
@@ -217,7 +218,7 @@ def compile_row(row: Row, ptxas: str) -> Row:
         fn = _kernel_fn(row.kernel)
         src = _source(fn, row.kernel, row.constexprs, row.dim)
         compiled = triton.compile(src, target=GPUTarget("cuda", target.capability, 32),
-                                  options={"num_warps": row.num_warps, "num_stages": row.num_stages})
+                                  options=launch_options(row))
         ptx = compiled.asm["ptx"]
         code, text = run_ptxas(ptxas, ptx, target.name)
         if code != 0:
@@ -284,12 +285,13 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
                                                       with_stats, routing, family):
                                 variant = _variant(cfg)
                                 key = (arch, dim, kernel, variant, tuple(sorted(cfg.constexprs.items())),
-                                       cfg.num_warps, cfg.num_stages)
+                                       cfg.num_warps, cfg.num_stages, cfg.max_registers)
                                 if key in seen:
                                     continue
                                 seen.add(key)
                                 rows.append(Row(kernel, arch, dim, precision, with_stats, routing, variant,
-                                                dict(cfg.constexprs), cfg.num_warps, cfg.num_stages))
+                                                dict(cfg.constexprs), cfg.num_warps, cfg.num_stages,
+                                                cfg.max_registers))
     return rows
 
 

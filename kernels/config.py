@@ -70,7 +70,8 @@ def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     """Tiles of the fused forward, per (precision, arch family); chosen with the compile report
     (zero spills, tensor cores for tf32/bf16 at every D, at most 255 registers at 4 warps).
 
-    - ``"ieee"`` (FMA dot): 64 x 32 score tiles, chunks of at most 32 columns.
+    - ``"ieee"`` (FMA dot): 64 x 16 score tiles, chunks of at most 32 columns (16 on sm_80); one
+      pipeline stage except sm_90a's single-chunk rows.
     - ``"exact"``: the ``"ieee"`` tiles on purpose -- its rescans must reproduce the plain exact
       path bit for bit, so they run the same tile shapes and chunk order.
     - ``"tf32"``/``"bf16"``: 64 x 64 score tiles (``BLOCK_M = 64`` feeds one m64 ``wgmma`` per
@@ -81,10 +82,10 @@ def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     """
     _check(dim, arch)
     if precision in ("ieee", "exact"):
-        width = chunk_width(dim, 32)
+        width = chunk_width(dim, 32 if arch == "sm90" else 16)
         chunks = padded_dim(dim) // width
-        return TileConfig(block_m=64, block_k=32, block_dc=width, num_chunks=chunks,
-                          num_warps=_warps(arch, chunks), num_stages=2 if arch == "sm90" else 1,
+        return TileConfig(block_m=64, block_k=16, block_dc=width, num_chunks=chunks,
+                          num_warps=_warps(arch, chunks), num_stages=2 if chunks == 1 and arch == "sm90" else 1,
                           max_registers=MAX_REGISTERS)
     if precision not in ("tf32", "bf16"):
         raise ValueError(f"precision must be one of ieee, tf32, bf16, exact; got {precision!r}")

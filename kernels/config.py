@@ -1,26 +1,165 @@
-"""Tile sizes shared by the forward and backward launchers."""
+"""Launch configurations: the one table the launchers use and the compile report checks.
+
+Everything a launcher may launch is a function of ``(kernel, D, precision, with_stats, routing,
+arch family)`` and is enumerated by :func:`launch_configs`, so the offline gate
+(``python -m rqvae_fast.kernels.report``) compiles exactly what runs. The table is fixed without
+running anything (no autotuning), chosen from that report:
+
+- the embedding dim is cut into chunks of ``BLOCK_DC`` columns (64, 32 or 16: the widest allowed
+  that divides ``D`` rounded up to 16, the narrowest ``tl.dot`` operand), so ``D`` pads at most to the
+  next multiple of 16 (768 = 12 x 64, 48 = 3 x 16, 1000 -> 1008 = 63 x 16);
+- 64 rows per tile at every D: tensor cores (``wgmma`` needs 64 rows per warpgroup) and a
+  register footprint that does not grow with D (see :func:`forward_tiles`).
+"""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
-import triton
+KERNELS = ("forward", "input_grad")
+ARCHS = ("sm80", "sm90")
+DOT_MIN_WIDTH = 16
+CHUNK_WIDTHS = (64, 32, 16)
+MAX_REGISTERS = 255
 
 
 class TileConfig(NamedTuple):
-    block_m: int  # rows per program
-    block_k: int  # codes per distance tile
-    block_d: int  # padded embedding dim (power of two, >= 16 for tl.dot)
+    block_m: int      # rows per tile
+    block_k: int      # codes per distance tile
+    block_dc: int     # embedding columns per chunk
+    num_chunks: int   # chunks per row: ceil(D / block_dc); D pads to num_chunks * block_dc
     num_warps: int
+    num_stages: int
+    # ``.maxnreg`` for ptxas: without it ptxas may cap registers below 255 on its own (for
+    # occupancy) and spill; the report showed 4-32 B spills at 128-168 registers otherwise.
+    max_registers: Optional[int] = None
+
+    @property
+    def padded_dim(self) -> int:
+        return self.block_dc * self.num_chunks
 
 
-def tile_config(dim: int) -> TileConfig:
-    """Pick tiles for an embedding dim: the whole padded row stays in registers, so wide rows get
-    fewer rows per program to keep the ``(block_m, block_d)`` residual and the code tile on-chip."""
-    block_d = max(16, triton.next_power_of_2(dim))
-    if block_d <= 64:
-        return TileConfig(block_m=64, block_k=64, block_d=block_d, num_warps=4)
-    if block_d <= 128:
-        return TileConfig(block_m=64, block_k=32, block_d=block_d, num_warps=4)
-    if block_d <= 256:
-        return TileConfig(block_m=32, block_k=32, block_d=block_d, num_warps=8)
-    return TileConfig(block_m=16, block_k=16, block_d=block_d, num_warps=8)
+class LaunchConfig(NamedTuple):
+    kernel: str                 # "forward" | "input_grad"
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    max_registers: Optional[int] = None
+
+    def options(self) -> Dict[str, int]:
+        """Launch/compile options (``num_warps``, ``num_stages``, ``maxnreg`` where set)."""
+        return launch_options(self)
+
+
+def padded_dim(dim: int) -> int:
+    """``dim`` rounded up to the dot's minimum operand width."""
+    return max(DOT_MIN_WIDTH, -(-dim // DOT_MIN_WIDTH) * DOT_MIN_WIDTH)
+
+
+def chunk_width(dim: int, widest: int = CHUNK_WIDTHS[0]) -> int:
+    """The widest of ``CHUNK_WIDTHS`` (at most ``widest``) dividing :func:`padded_dim`."""
+    padded = padded_dim(dim)
+    return next(w for w in CHUNK_WIDTHS if w <= widest and padded % w == 0)
+
+
+def arch_family(capability_major: int) -> str:
+    """``"sm90"`` for Hopper and newer, ``"sm80"`` for Ampere (the table's two columns)."""
+    return "sm90" if capability_major >= 9 else "sm80"
+
+
+def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
+    """Tiles of the fused forward, per (precision, arch family); chosen with the compile report
+    (zero spills, tensor cores for tf32/bf16 at every D, at most 255 registers at 4 warps).
+
+    - ``"ieee"`` (FMA dot): 64 x 16 score tiles, chunks of at most 32 columns (16 on sm_80); one
+      pipeline stage except sm_90a's single-chunk rows.
+    - ``"exact"``: the ``"ieee"`` tiles on purpose -- its rescans must reproduce the plain exact
+      path bit for bit, so they run the same tile shapes and chunk order.
+    - ``"tf32"``/``"bf16"``: 64 x 64 score tiles (``BLOCK_M = 64`` feeds one m64 ``wgmma`` per
+      warpgroup on sm_90a), chunks of up to 64 columns (32 on sm_80, whose ``mma`` operands live in
+      registers); one pipeline stage once rows are re-read from the scratch.
+    - sm_80 runs the scratch path (several chunks) with 8 warps: at 4 it spills a few bytes.
+      Either way two warpgroups' worth of warps are resident per SM at 255 registers.
+    """
+    _check(dim, arch)
+    if precision in ("ieee", "exact"):
+        width = chunk_width(dim, 32 if arch == "sm90" else 16)
+        chunks = padded_dim(dim) // width
+        warps = _EXACT_WARPS.get((arch, padded_dim(dim)), _warps(arch, chunks))
+        return TileConfig(block_m=64, block_k=16, block_dc=width, num_chunks=chunks, num_warps=warps,
+                          num_stages=2 if chunks == 1 and arch == "sm90" else 1,
+                          max_registers=MAX_REGISTERS)
+    if precision not in ("tf32", "bf16"):
+        raise ValueError(f"precision must be one of ieee, tf32, bf16, exact; got {precision!r}")
+    width = chunk_width(dim, 64 if arch == "sm90" else 32)
+    chunks = padded_dim(dim) // width
+    return TileConfig(block_m=64, block_k=64, block_dc=width, num_chunks=chunks,
+                      num_warps=_warps(arch, chunks), num_stages=2 if chunks == 1 else 1,
+                      max_registers=MAX_REGISTERS)
+
+
+# Exceptions found by the compile report: sm_80's exact search at D 256 spills 4 B at 8 warps.
+_EXACT_WARPS = {("sm80", 256): 4}
+
+
+def _warps(arch: str, chunks: int) -> int:
+    """4 warps (one warpgroup), except sm_80's scratch path (several chunks), which spills at 4."""
+    return 8 if arch == "sm80" and chunks > 1 else 4
+
+
+def launch_options(cfg) -> Dict[str, int]:
+    """``num_warps``/``num_stages``/``maxnreg`` of a :class:`TileConfig` or :class:`LaunchConfig`."""
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.max_registers is not None:
+        opts["maxnreg"] = cfg.max_registers
+    return opts
+
+
+def input_grad_tiles(dim: int, arch: str) -> TileConfig:
+    """Tiles of the elementwise input-gradient pass: a 2-D grid of (64 rows) x (chunk) tiles."""
+    _check(dim, arch)
+    width = chunk_width(dim)
+    return TileConfig(block_m=64, block_k=1, block_dc=width, num_chunks=padded_dim(dim) // width,
+                      num_warps=4, num_stages=1)
+
+
+def forward_constexprs(tiles: TileConfig, *, num_layers: int, routing: int, precision: str,
+                       with_stats: bool, emulate: bool) -> Dict[str, object]:
+    """The forward kernel's compile-time arguments (launcher and report build them here)."""
+    search = "tf32x3" if precision == "exact" else precision
+    return dict(NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats, SEARCH=search,
+                EXACT=precision == "exact", EMULATE=emulate, BLOCK_M=tiles.block_m,
+                BLOCK_K=tiles.block_k, BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks)
+
+
+def input_grad_constexprs(tiles: TileConfig, *, num_layers: int, commit_layers: int,
+                          has_grad_out: bool) -> Dict[str, object]:
+    return dict(NUM_LAYERS=num_layers, COMMIT_LAYERS=commit_layers, HAS_GRAD_OUT=has_grad_out,
+                BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_dc)
+
+
+def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, routing: int,
+                   arch: str, num_layers: int = 3) -> List[LaunchConfig]:
+    """Every launch a launcher can make for these arguments on a GPU of family ``arch``.
+
+    ``input_grad`` ignores precision and stats; its launches differ by routing (which layers'
+    commitment terms reach the input) and by whether an output gradient is given.
+    """
+    if kernel == "forward":
+        tiles = forward_tiles(dim, precision, arch)
+        consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing,
+                                    precision=precision, with_stats=with_stats, emulate=False)
+        return [LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages, tiles.max_registers)]
+    if kernel == "input_grad":
+        tiles = input_grad_tiles(dim, arch)
+        commit = 1 if routing == 0 else num_layers
+        return [LaunchConfig(kernel, input_grad_constexprs(tiles, num_layers=num_layers,
+                                                           commit_layers=commit, has_grad_out=g),
+                             tiles.num_warps, tiles.num_stages) for g in (True, False)]
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _check(dim: int, arch: str) -> None:
+    if dim < 1:
+        raise ValueError(f"embedding dim must be >= 1, got {dim}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")

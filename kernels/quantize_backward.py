@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import tile_config
-from .tiles import row_tile
+from .config import input_grad_constexprs, input_grad_tiles
+from .quantize_forward import device_arch
+from .tiles import chunk_tile
 from .traceable import traceable
 
 
@@ -37,8 +38,11 @@ def _residual_quantize_input_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows, dims, row_in, dim_in, offsets, tile_mask = row_tile(pid, N, D, BLOCK_M, BLOCK_D)
+    # Program (i, j) owns rows [i * BLOCK_M, ...) x columns [j * BLOCK_D, ...): an elementwise pass,
+    # so D is tiled like the rows and no register tile grows with D.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_in, dim_in, offsets, tile_mask = chunk_tile(rows, dims, N, D)
 
     residual = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     direction = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -70,14 +74,15 @@ def residual_quantize_input_grad(
 ) -> torch.Tensor:
     """``(N, D)`` gradient of the input, in x's dtype; see the module docstring."""
     n, dim = x.shape
-    cfg = tile_config(dim)
+    tiles = input_grad_tiles(dim, device_arch(x.device))
     grad_x = torch.empty_like(x)
     if n > 0:
-        grid = (triton.cdiv(n, cfg.block_m),)
+        grid = (triton.cdiv(n, tiles.block_m), tiles.num_chunks)
+        consts = input_grad_constexprs(tiles, num_layers=indices.shape[1], commit_layers=commit_layers,
+                                       has_grad_out=grad_out is not None)
         traceable(_residual_quantize_input_grad_kernel)[grid](
             grad_out if grad_out is not None else x, x, codes, layer_starts, indices, coef, grad_x,
-            float(grad_out_scale), n, dim, NUM_LAYERS=indices.shape[1], COMMIT_LAYERS=commit_layers,
-            HAS_GRAD_OUT=grad_out is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
+            float(grad_out_scale), n, dim, **consts, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
         )
     return grad_x

@@ -1,13 +1,27 @@
 """Fused residual-quantization forward: every layer in one launch.
 
-Each program owns ``BLOCK_M`` rows and keeps their residual in registers while it walks the layers.
-Per layer it streams the layer's codebook in ``BLOCK_K`` tiles, scores ``||c||^2 - 2 r.c`` with
-``tl.dot`` and keeps a running (min, argmin) -- ties to the lowest index, like ``torch.argmin`` --
-so no ``N x K`` matrix ever exists. It then gathers the chosen code, updates the residual, adds the
-layer's squared error to a per-program partial sum and (optionally) scatters the per-code count and
-residual sum that both the codebook gradient and the EMA update need.
+A persistent grid of programs walks tiles of ``BLOCK_M`` rows. For each tile and layer it finds
+every row's nearest code with :mod:`.search` (codebook streamed in ``BLOCK_K``-code tiles, the dot
+accumulated over ``BLOCK_DC``-wide chunks of D with ``tl.dot``, so no ``N x K`` matrix exists and
+no register tile grows with D), gathers the chosen code, updates the residual, adds the layer's
+squared error to a per-tile partial sum and (optionally) scatters the per-code count and residual
+sum that both the codebook gradient and the EMA update need (relaxed atomics: ``red``-style
+adds with no memory-ordering fences, 4-wide ``v4.f32`` where the chunk allows).
+
+The tile's residual and running output stay in registers when D fits one chunk; wider rows keep
+them in a per-program fp32 scratch ``(programs, 2, BLOCK_M, D padded)`` (L1/L2-resident), re-read
+chunk by chunk, with a barrier between the phases that write and read it.
 
 Rows holding NaN/Inf get index -1 and a NaN output, and stay out of the statistics.
+
+Statistics cost ``D + 1`` element atomics per row and layer (``D / 4`` ``red.v4.f32`` and one
+``red.u32`` instructions). Aggregating per code inside a 64-row tile first (a one-hot dot) would
+save little: 64 rows hit ~57 distinct codes of 256 (~62 of 1024), so the atomics drop by ~11 %
+(~3 %) for an extra dot as large as the search. Per-program accumulators over many tiles need
+``K x D`` fp32 per layer per program (32 KiB at K 256, D 32; 256 KiB at K 1024, D 64) that
+Triton can neither keep in registers nor pin in shared memory across tiles, and a global copy
+moves the cost to a ``K x D`` read-modify-write per tile. So statistics stay per row; the
+deterministic mode (``rqvae_fast.sorted_stats``) avoids float atomics altogether.
 """
 from __future__ import annotations
 
@@ -17,9 +31,57 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import tile_config
-from .tiles import row_tile
+from .config import arch_family, forward_constexprs, forward_tiles, launch_options
+from .search import fast_score_bound, nearest_code, rescan
+from .tiles import chunk_tile
 from .traceable import traceable
+
+RESCAN_FIELDS = 3  # per layer: rows flagged, row tiles rescanned, code tiles scored exactly
+
+
+@triton.jit
+def _load_rows(x_ptr, rows, dims, N, D):
+    """``(BLOCK_M, BLOCK_DC)`` fp32 chunk of x and its per-row count of non-finite values."""
+    _, _, offsets, mask = chunk_tile(rows, dims, N, D)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    return x, tl.sum(bad.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D,
+                  ROUTING: tl.constexpr, WITH_STATS: tl.constexpr):
+    """One chunk of the layer step: gather the chosen code, scatter statistics, route.
+
+    Returns the next residual and running output chunks, and the chunk's per-row squared error
+    and next-residual squared norm.
+    """
+    code_mask = row_ok[:, None] & (dims < D)[None, :]
+    code_offsets = best_idx.to(tl.int64)[:, None] * D + dims[None, :]
+    chosen = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0.0).to(tl.float32)
+    err = chosen - r
+    if WITH_STATS:
+        tl.atomic_add(sum_ptr + code_offsets, r, mask=code_mask, sem="relaxed")
+    if ROUTING == 0:    # seed: the next residual subtracts the straight-through output
+        straight_through = r + err
+        t = t + straight_through
+        r_next = r - straight_through
+    elif ROUTING == 1:  # full: one straight-through estimator on the total, at the end
+        t = t + chosen
+        r_next = r - chosen
+    else:               # layer_ste: a straight-through output per layer, detached residual
+        t = t + (r + err)
+        r_next = r - chosen
+    return r_next, t, tl.sum(err * err, axis=1), tl.sum(r_next * r_next, axis=1)
+
+
+@triton.jit
+def _final_chunk(x_chunk, t, row_ok, ROUTING: tl.constexpr):
+    if ROUTING == 1:
+        out = x_chunk + (t - x_chunk)
+    else:
+        out = t
+    return tl.where(row_ok[:, None], out, float("nan"))
 
 
 @triton.jit
@@ -31,98 +93,146 @@ def _residual_quantize_fwd_kernel(
     layer_start_ptr,  # (L + 1,) int32: codebook l is rows [start[l], start[l+1]) of codes
     out_ptr,          # (N, D) quantized output, dtype of x
     idx_ptr,          # (N, L) int64 chosen code per layer (layer-local), -1 for non-finite rows
-    sse_ptr,          # (num_programs, L) fp32 per-program sum of squared errors
+    sse_ptr,          # (num_tiles, L) fp32 per-tile sum of squared errors
     count_ptr,        # (K_total,) int32 rows per code             (written if WITH_STATS)
     sum_ptr,          # (K_total, D) fp32 sum of residuals per code (written if WITH_STATS)
+    scratch_ptr,      # (programs, 2, BLOCK_M, NUM_DC * BLOCK_DC) fp32 (used if NUM_DC > 1)
+    rescan_ptr,       # (L, 3) int32 rescan counters (written if EXACT)
     N,
     D,
     NUM_LAYERS: tl.constexpr,
     ROUTING: tl.constexpr,        # 0 seed, 1 full, 2 layer_ste (see rqvae_fast.routing)
     WITH_STATS: tl.constexpr,
-    PRECISION: tl.constexpr,      # "ieee" | "tf32" | "bf16"
-    BF16_AS_FP32: tl.constexpr,   # bf16-rounded operands, fp32 dot (the interpreter's bf16 dot is wrong)
+    SEARCH: tl.constexpr,         # "ieee" | "tf32" | "bf16" | "tf32x3" (exact's): the scoring dot
+    EXACT: tl.constexpr,          # rescan rows the tf32 search cannot decide (see .search)
+    EMULATE: tl.constexpr,        # interpreter: reduced-precision operands emulated exactly
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr,
+    NUM_DC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows, dims, row_in, dim_in, offsets, tile_mask = row_tile(pid, N, D, BLOCK_M, BLOCK_D)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(N, BLOCK_M)
+    D_PAD: tl.constexpr = NUM_DC * BLOCK_DC
+    dcs = tl.arange(0, BLOCK_DC)
+    local = tl.arange(0, BLOCK_M)[:, None] * D_PAD + dcs[None, :]
+    res_scratch = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_M * D_PAD)
+    tot_scratch = res_scratch + BLOCK_M * D_PAD
 
-    x = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    bad = (x != x) | (tl.abs(x) == float("inf"))
-    row_ok = row_in & (tl.max(bad.to(tl.int32), axis=1) == 0)
-    # Non-finite rows run on zeros (so every score stays finite) and are marked at the end.
-    x = tl.where(row_ok[:, None], x, 0.0)
+    for tile in range(pid, num_tiles, num_programs):
+        rows = (tl.zeros((BLOCK_M,), dtype=tl.int64) + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < N
 
-    residual = x
-    total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for layer in range(NUM_LAYERS):
-        k_start = tl.load(layer_start_ptr + layer)
-        k_end = tl.load(layer_start_ptr + layer + 1)
-
-        # --- nearest code: running min over codebook tiles -----------------------------------
-        if PRECISION == "bf16":
-            lhs = residual.to(tl.bfloat16)
-            if BF16_AS_FP32:
-                lhs = lhs.to(tl.float32)
+        # --- load: finite rows, residual = x (zeros on non-finite rows, so scores stay finite) ----
+        r_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        t_regs = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
+        if NUM_DC == 1:
+            x, bad_count = _load_rows(x_ptr, rows, dcs, N, D)
+            row_ok = row_in & (bad_count == 0)
+            r_regs = tl.where(row_ok[:, None], x, 0.0)
+            r_sq = tl.sum(r_regs * r_regs, axis=1)
         else:
-            lhs = residual
-        best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-        best_idx = tl.zeros((BLOCK_M,), dtype=tl.int32) + k_start
-        for k0 in range(k_start, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_in = ks < k_end
-            codes = tl.load(search_ptr + ks[:, None] * D + dims[None, :],
-                            mask=k_in[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
-            if PRECISION == "bf16":
-                if BF16_AS_FP32:  # products of bf16 values are exact in fp32
-                    dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16).to(tl.float32)),
-                                  input_precision="ieee")
-                else:
-                    dots = tl.dot(lhs, tl.trans(codes.to(tl.bfloat16)))
+            r_regs = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)  # unused: rows live in scratch
+            bad_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for c in range(NUM_DC):
+                _x, bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
+                bad_count += bad
+            row_ok = row_in & (bad_count == 0)
+            for c in range(NUM_DC):
+                x, _bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
+                x = tl.where(row_ok[:, None], x, 0.0)
+                r_sq += tl.sum(x * x, axis=1)
+                tl.store(res_scratch + local + c * BLOCK_DC, x)
+                tl.store(tot_scratch + local + c * BLOCK_DC, t_regs)
+            tl.debug_barrier()
+
+        for layer in range(NUM_LAYERS):
+            k_start = tl.load(layer_start_ptr + layer)
+            k_end = tl.load(layer_start_ptr + layer + 1)
+
+            # --- nearest code ---------------------------------------------------------------
+            best, best_idx, second, max_sq = nearest_code(
+                r_regs, res_scratch, search_ptr, sq_norm_ptr, k_start, k_end, D, SEARCH, EMULATE,
+                EXACT, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
+            if EXACT:
+                bound = fast_score_bound(r_sq, max_sq, D_PAD)
+                needs = row_ok & ~(second - best > 2.0 * bound)
+                flagged = tl.sum(needs.to(tl.int32), axis=0)
+                if flagged > 0:
+                    exact_idx, scored = rescan(
+                        r_regs, res_scratch, search_ptr, sq_norm_ptr, k_start, k_end, D, needs,
+                        best + 2.0 * bound, EMULATE, BLOCK_M, BLOCK_K, BLOCK_DC, NUM_DC)
+                    best_idx = tl.where(needs, exact_idx, best_idx)
+                    tl.atomic_add(rescan_ptr + layer * 3, flagged, sem="relaxed")
+                    tl.atomic_add(rescan_ptr + layer * 3 + 1, 1, sem="relaxed")
+                    tl.atomic_add(rescan_ptr + layer * 3 + 2, scored, sem="relaxed")
+
+            local_idx = tl.where(row_ok, best_idx - k_start, -1)
+            tl.store(idx_ptr + rows * NUM_LAYERS + layer, local_idx.to(tl.int64), mask=row_in)
+            if WITH_STATS:
+                tl.atomic_add(count_ptr + best_idx, tl.full((BLOCK_M,), 1, tl.int32), mask=row_ok,
+                              sem="relaxed")
+
+            # --- gather, residual update, loss partial, statistics ---------------------------
+            if NUM_DC == 1:
+                r_regs, t_regs, row_sse, r_sq = _update_chunk(
+                    r_regs, t_regs, codes_ptr, sum_ptr, best_idx, row_ok, dcs, D, ROUTING, WITH_STATS)
             else:
-                dots = tl.dot(lhs, tl.trans(codes), input_precision=PRECISION)
-            # Codes past the layer's end load as zero vectors with +inf norm: never chosen.
-            sq_norm = tl.load(sq_norm_ptr + ks, mask=k_in, other=float("inf"))
-            dist = sq_norm[None, :] - 2.0 * dots
-            tile_best = tl.min(dist, axis=1)
-            tile_idx = tl.argmin(dist, axis=1).to(tl.int32) + k0
-            better = tile_best < best  # strict: an earlier tile wins ties
-            best = tl.where(better, tile_best, best)
-            best_idx = tl.where(better, tile_idx, best_idx)
+                tl.debug_barrier()  # every warp is done reading this layer's residual
+                row_sse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                r_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for c in range(NUM_DC):
+                    r = tl.load(res_scratch + local + c * BLOCK_DC)
+                    t = tl.load(tot_scratch + local + c * BLOCK_DC)
+                    r, t, chunk_sse, chunk_sq = _update_chunk(
+                        r, t, codes_ptr, sum_ptr, best_idx, row_ok, c * BLOCK_DC + dcs, D, ROUTING,
+                        WITH_STATS)
+                    row_sse += chunk_sse
+                    r_sq += chunk_sq
+                    tl.store(res_scratch + local + c * BLOCK_DC, r)
+                    tl.store(tot_scratch + local + c * BLOCK_DC, t)
+                tl.debug_barrier()  # the next layer reads what every warp wrote
+            row_sse = tl.where(row_ok, row_sse, float("nan"))
+            tl.store(sse_ptr + tile * NUM_LAYERS + layer, tl.sum(tl.where(row_in, row_sse, 0.0), axis=0))
 
-        # --- gather, residual update, loss partial, statistics ---------------------------------
-        code_mask = row_ok[:, None] & dim_in[None, :]
-        chosen = tl.load(codes_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :],
-                         mask=code_mask, other=0.0).to(tl.float32)
-        err = chosen - residual
-        row_sse = tl.where(row_ok, tl.sum(err * err, axis=1), float("nan"))
-        tl.store(sse_ptr + pid * NUM_LAYERS + layer, tl.sum(tl.where(row_in, row_sse, 0.0), axis=0))
-        local_idx = tl.where(row_ok, best_idx - k_start, -1)
-        tl.store(idx_ptr + rows * NUM_LAYERS + layer, local_idx.to(tl.int64), mask=row_in)
+        # --- output ---------------------------------------------------------------------------
+        if NUM_DC == 1:
+            x, _bad = _load_rows(x_ptr, rows, dcs, N, D)  # re-read (L2) rather than held in registers
+            out = _final_chunk(tl.where(row_ok[:, None], x, 0.0), t_regs, row_ok, ROUTING)
+            tl.store(out_ptr + rows[:, None] * D + dcs[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_in[:, None] & (dcs < D)[None, :])
+        else:
+            for c in range(NUM_DC):
+                dims = c * BLOCK_DC + dcs
+                x, _bad = _load_rows(x_ptr, rows, dims, N, D)
+                x_ok = tl.where(row_ok[:, None], x, 0.0)
+                out = _final_chunk(x_ok, tl.load(tot_scratch + local + c * BLOCK_DC), row_ok, ROUTING)
+                tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                         mask=row_in[:, None] & (dims < D)[None, :])
+            tl.debug_barrier()  # the next tile overwrites the scratch
 
-        if WITH_STATS:
-            tl.atomic_add(count_ptr + best_idx, tl.full((BLOCK_M,), 1, tl.int32), mask=row_ok)
-            tl.atomic_add(sum_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :], residual,
-                          mask=code_mask)
 
-        if ROUTING == 0:    # seed: the next residual subtracts the straight-through output
-            straight_through = residual + err
-            total = total + straight_through
-            residual = residual - straight_through
-        elif ROUTING == 1:  # full: one straight-through estimator on the total, below
-            total = total + chosen
-            residual = residual - chosen
-        else:               # layer_ste: a straight-through output per layer, detached residual
-            total = total + (residual + err)
-            residual = residual - chosen
+_sm_counts = {}
 
-    if ROUTING == 1:
-        out = x + (total - x)
-    else:
-        out = total
-    out = tl.where(row_ok[:, None], out, float("nan"))
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+def max_programs(device: torch.device) -> int:
+    """Size cap of the persistent grid: two programs per SM on CUDA (the fewest the compile report
+    shows resident for any forward configuration, so the grid is one wave); 2 under the
+    interpreter (so tests walk several tiles per program)."""
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _sm_counts[index]
+
+
+def device_arch(device: torch.device) -> str:
+    """The config table's arch family for ``device`` (the interpreter uses the sm90 column)."""
+    if device.type != "cuda":
+        return "sm90"
+    return arch_family(torch.cuda.get_device_capability(device)[0])
 
 
 def residual_quantize_forward(
@@ -136,32 +246,41 @@ def residual_quantize_forward(
     routing: int,
     precision: str,
     with_stats: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rescan_counts: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward.
 
     x ``(N, D)`` contiguous; codes and search_codes ``(K_total, D)`` contiguous (see
     :func:`rqvae_fast.backend.search_operands`); sq_norms ``(K_total,)`` fp32;
-    layer_starts ``(L + 1,)`` int32 on x's device. Returns ``quantized (N, D)`` in x's dtype,
-    ``indices (N, L)`` int64, ``sse (L,)`` fp32, ``counts (K_total,)`` fp32, ``sums (K_total, D)`` fp32
-    (empty, ``(0,)`` and ``(0, D)``, when ``with_stats`` is false).
+    layer_starts ``(L + 1,)`` int32 on x's device; precision ``"ieee"``, ``"tf32"``, ``"bf16"`` or
+    ``"exact"`` (tf32 search + exact rescans, indices identical to ``"ieee"``). Returns
+    ``quantized (N, D)`` in x's dtype, ``indices (N, L)`` int64, ``sse (L,)`` fp32,
+    ``counts (K_total,)`` fp32, ``sums (K_total, D)`` fp32 (empty, ``(0,)`` and ``(0, D)``, when
+    ``with_stats`` is false), and with ``rescan_counts`` a sixth ``(L, 3)`` int32 tensor: per layer
+    the rows the exact mode flagged, the row tiles it rescanned and the code tiles it scored exactly.
     """
     n, dim = x.shape
     num_layers = len(layer_sizes)
     k_total = codes.shape[0]
-    cfg = tile_config(dim)
-    grid = (triton.cdiv(n, cfg.block_m),)
+    tiles = forward_tiles(dim, precision, device_arch(x.device))
+    num_tiles = triton.cdiv(n, tiles.block_m)
+    programs = torch.sym_min(num_tiles, max_programs(x.device))
     quantized = torch.empty_like(x)
     indices = torch.empty((n, num_layers), dtype=torch.int64, device=x.device)
-    sse_partial = torch.empty((grid[0], num_layers), dtype=torch.float32, device=x.device)
+    sse_partial = torch.empty((num_tiles, num_layers), dtype=torch.float32, device=x.device)
     counts = torch.zeros(k_total if with_stats else 1, dtype=torch.int32, device=x.device)
     sums = torch.zeros((k_total, dim) if with_stats else (1, 1), dtype=torch.float32, device=x.device)
+    scratch_shape = (programs, 2, tiles.block_m, tiles.padded_dim) if tiles.num_chunks > 1 else (1,)
+    scratch = torch.empty(scratch_shape, dtype=torch.float32, device=x.device)
+    rescans = torch.zeros((num_layers, 3), dtype=torch.int32, device=x.device)
     if n > 0:
-        traceable(_residual_quantize_fwd_kernel)[grid](
-            x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts, sums, n, dim,
-            NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats,
-            PRECISION=precision, BF16_AS_FP32=x.device.type == "cpu", BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
+        consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing, precision=precision,
+                                    with_stats=with_stats, emulate=x.device.type == "cpu")
+        traceable(_residual_quantize_fwd_kernel)[(programs,)](
+            x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts,
+            sums, scratch, rescans, n, dim, **consts, **launch_options(tiles),
         )
     if not with_stats:
         counts, sums = counts[:0], sums.new_empty((0, dim))
-    return quantized, indices, sse_partial.sum(dim=0), counts.float(), sums
+    out = (quantized, indices, sse_partial.sum(dim=0), counts.float(), sums)
+    return out + (rescans,) if rescan_counts else out

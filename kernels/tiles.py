@@ -4,15 +4,23 @@ import triton.language as tl
 
 
 @triton.jit
-def row_tile(pid, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program ``pid``'s ``(BLOCK_M, BLOCK_D)`` tile of a row-major ``(N, D)`` matrix.
+def chunk_tile(rows, dims, N, D):
+    """The ``(len(rows), len(dims))`` tile of a row-major ``(N, D)`` matrix at ``rows x dims``.
 
-    Returns ``rows (BLOCK_M,)`` int64, ``dims (BLOCK_D,)``, their in-range masks, the tile's element
-    offsets ``(BLOCK_M, BLOCK_D)`` in int64 (``N * D`` may exceed 2^31) and the tile mask.
+    Returns the rows' and dims' in-range masks, the tile's element offsets in int64 (``N * D`` may
+    exceed 2^31) and the tile mask.
     """
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
     row_in = rows < N
     dim_in = dims < D
-    offsets = rows[:, None] * D + dims[None, :]
-    return rows, dims, row_in, dim_in, offsets, row_in[:, None] & dim_in[None, :]
+    offsets = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    return row_in, dim_in, offsets, row_in[:, None] & dim_in[None, :]
+
+
+@triton.jit
+def row_tile(pid, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program ``pid``'s ``(BLOCK_M, BLOCK_D)`` tile: ``rows (BLOCK_M,)`` int64, ``dims (BLOCK_D,)``,
+    then :func:`chunk_tile`'s masks and offsets."""
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_in, dim_in, offsets, mask = chunk_tile(rows, dims, N, D)
+    return rows, dims, row_in, dim_in, offsets, mask

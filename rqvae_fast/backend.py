@@ -140,8 +140,8 @@ def forward_body(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int,
                 out = (out[0], out[1], out[2], counts, sums)
             return out
         return torch_backend.residual_quantize_forward(
-            x, codes, search_codes, sq_norms, layer_sizes, routing=routing, precision=precision,
-            with_stats=with_stats)
+            x, codes, search_codes, sq_norms, layer_sizes, routing=routing,
+            precision="ieee" if precision == "exact" else precision, with_stats=with_stats)
 
 
 def search_operands(codes: Tensor) -> Tuple[Tensor, Tensor]:

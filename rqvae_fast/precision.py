@@ -1,9 +1,12 @@
 """Which arithmetic the distance matmul uses.
 
-Three choices, named as Triton names them:
+Three choices named as Triton names them, and one more:
 - ``"ieee"``: exact fp32 products and sums.
 - ``"tf32"``: TensorFloat-32 inputs, fp32 accumulation (near-ties can pick another code).
 - ``"bf16"``: bfloat16 inputs, fp32 accumulation.
+- ``"exact"``: the indices of ``"ieee"`` at tensor-core speed: the Triton path searches with tf32
+  and rescans exactly the rows whose margin lies within the proven error bound of the tf32 score
+  (see ``rqvae_fast.kernels.search``); the PyTorch path runs ``"ieee"``.
 
 ``None`` follows ``torch.get_float32_matmul_precision()``: "highest" -> ieee, "high" -> tf32,
 "medium" -> bf16. Only the nearest-code search uses it; losses, residuals and statistics are fp32.
@@ -14,7 +17,7 @@ from typing import Optional
 
 import torch
 
-PRECISIONS = ("ieee", "tf32", "bf16")
+PRECISIONS = ("ieee", "tf32", "bf16", "exact")
 _FROM_TORCH = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 

@@ -118,3 +118,39 @@ def test_wide_rows_and_huge_codebooks(poison, n, dim, sizes):
     step = run_step(residual_quantize, x, books, commitment_cost=0.25, backend="triton",
                     precision="ieee", compute_stats=True)
     check_parity(step, x, books, commitment_cost=0.25)
+
+
+# D chunks and their tails: one chunk (8, 24), several narrow chunks (48 = 3 x 16, 100 -> 7 x 16,
+# 200 -> 13 x 16), several wide ones (96, 192, 768), and 1000 -> 63 x 16 (no power-of-two padding).
+# N = 130 walks three row tiles on the interpreter's two persistent programs.
+CHUNK_CASES = [
+    (130, 8, (33, 70)),
+    (130, 24, (70, 33)),
+    (130, 48, (33, 65, 20)),
+    (40, 96, (70,)),
+    (40, 100, (33, 20)),
+    (9, 192, (33, 20)),
+    (9, 200, (20, 33)),
+    (5, 768, (33, 20)),
+    (3, 1000, (20, 17)),
+]
+
+
+@pytest.mark.parametrize("n,dim,sizes", CHUNK_CASES)
+def test_d_chunks_match_reference(poison, n, dim, sizes):
+    x, books = make_problem(n, dim, sizes, seed=dim, device=DEVICE)
+    x[n // 2, dim - 1] = float("inf")  # a non-finite row in the last chunk
+    grad_mode = ("seed", "full", "layer_ste")[dim % 3]
+    step = run_step(residual_quantize, x, books, commitment_cost=0.3, grad_mode=grad_mode,
+                    backend="triton", precision="ieee", compute_stats=True)
+    assert (step.result.indices[n // 2] == -1).all()
+    check_parity(step, x, books, commitment_cost=0.3, grad_mode=grad_mode)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("n,dim,sizes", [CHUNK_CASES[2], CHUNK_CASES[4], CHUNK_CASES[7]])
+def test_d_chunks_reduced_precision(poison, n, dim, sizes, precision):
+    x, books = make_problem(n, dim, sizes, seed=dim + 1, device=DEVICE)
+    step = run_step(residual_quantize, x, books, commitment_cost=0.25, backend="triton",
+                    precision=precision, compute_stats=True)
+    check_parity(step, x, books, commitment_cost=0.25, precision=precision)

@@ -73,8 +73,15 @@ phase "pipeline (issue 4): fused k-means 1M x 32 -> 256, 20 iterations (target <
 if [ "$DRY" != "1" ]; then PIPE=(); else PIPE=(--quick); fi
 timeout -k 5 40 $PY -m rqvae_fast.bench_pipeline --device "$DEVICE" "${PIPE[@]}"
 
+phase "exact-at-speed (issue 10): precision exact vs ieee vs tf32 on shapes A and B, vs the paper model"
+if [ "$DRY" != "1" ]; then
+  timeout -k 5 30 $PY benchmarks/gpu_exact.py --shapes A B
+else
+  $PY benchmarks/gpu_exact.py --shapes A
+fi
+
 phase "scaling sweep: N 2^12..2^24, K 64..16384 (rqvae_fast, tf32)"
-timeout -k 5 45 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 --no-matrix --sweep both \
+timeout -k 5 30 $PY -m rqvae_fast.bench --device "$DEVICE" --precision tf32 --no-matrix --sweep both \
   "${QUICK[@]}" --json "$OUT/sweep.json" --plot "$OUT/scaling.png"
 
 phase "done in $(( $(date +%s) - START )) s; outputs in $OUT"

@@ -1,8 +1,9 @@
 """Size-balanced residual codes for a whole catalogue (capacity-constrained assignment).
 
 Greedy encoding gives every row its nearest code independently, so dense regions pile many items
-onto one full ID. :func:`balanced_encode` assigns a set of rows jointly, layer by layer: within a
-group of rows sharing the codes chosen so far (the ID prefix), a code accepts at most
+onto one full ID. :func:`balanced_encode` assigns a set of rows jointly at the last layer (every
+layer with ``all_layers=True``): within a group of rows sharing the codes chosen so far (the ID
+prefix), a code accepts at most
 ``capacity = max(1, ceil(slack * group_size / K))`` rows. Rows claim their ``candidates``
 nearest codes in turn (round ``r`` offers every row still unplaced its ``r``-th nearest code; a
 code with room takes the closest claimants first); a row whose candidates are all full takes its
@@ -80,10 +81,12 @@ def capacity_assign(groups: np.ndarray, cand_codes: np.ndarray, cand_dist: np.nd
 
 @torch.no_grad()
 def balanced_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor], *,
-                    slack: float = BALANCE_SLACK, candidates: int = BALANCE_CANDIDATES
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    slack: float = BALANCE_SLACK, candidates: int = BALANCE_CANDIDATES,
+                    all_layers: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Size-balanced codes of the set ``x (N, D)``: ``(indices (N, L) int64, sq_error (N,) fp32)``
-    on ``x``'s device; see the module docstring. ``slack >= 1`` (inf: greedy encoding)."""
+    on ``x``'s device; see the module docstring. ``slack >= 1`` (inf: greedy encoding).
+    By default only the last layer is constrained (it decides collisions; earlier layers are
+    greedy); ``all_layers=True`` constrains every layer (more even prefixes, more error)."""
     if not slack >= 1.0:
         raise ValueError(f"slack must be >= 1, got {slack}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -93,10 +96,10 @@ def balanced_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor], *,
     residual = points.clone()
     groups = np.zeros(n, dtype=np.int64)
     codes = []
-    for book in books:
+    for layer, book in enumerate(books):
         size = book.shape[0]
         cand_codes, cand_dist = _candidates(residual, book, min(candidates, size))
-        if math.isinf(slack):
+        if math.isinf(slack) or (not all_layers and layer < len(books) - 1):
             chosen = cand_codes[:, 0]
         else:
             chosen = capacity_assign(groups, cand_codes, cand_dist, size, slack)

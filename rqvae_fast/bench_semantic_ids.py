@@ -56,13 +56,13 @@ def load_dataset(name: str, quick: bool, seed: int = 0) -> np.ndarray:
     if name == "synthetic":
         from .synthetic import make_catalogue
 
-        items, dim = (2000, 64) if quick else (50_000, 768)  # the demo catalogue by default
+        items, dim = (1000, 32) if quick else (50_000, 768)  # the demo catalogue by default
         return _normalise(make_catalogue(items, dim, seed=seed).embeddings.numpy())
     if name == "wordllama":
         from .embedding_sets import wordllama_embeddings
 
         x = wordllama_embeddings(normalize=True)
-        return x[np.random.default_rng(seed).permutation(x.shape[0])[:2000]] if quick else x
+        return x[np.random.default_rng(seed).permutation(x.shape[0])[:1000]] if quick else x
     raise ValueError(f"unknown data set {name!r}; use one of {', '.join(DATASETS)}")
 
 
@@ -274,13 +274,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="also train the default RQ-VAE and report its end-to-end error and "
                              "the mean-vector baseline")
     parser.add_argument("--quick", action="store_true",
-                        help="2,000 rows, 3 x 16 codes: a smoke run for CI")
+                        help="1,000 rows, 3 x 8 codes: a smoke run for CI")
     parser.add_argument("--json", type=Path, default=None, help="write the reports here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.codes = min(args.codes, 16)
+        args.codes = min(args.codes, 8)
     reports = []
     for name in [d.strip() for d in args.data.split(",") if d.strip()]:
         try:

@@ -24,7 +24,7 @@ PROGRESSIVE_ITERS = 10  # Lloyd iterations per step
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
 BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
-REFINE_ROUNDS = 2  # joint codebook refinement rounds after RQ-KMeans' layer-wise k-means
+REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
 
 
 class KMeansResult(NamedTuple):

@@ -112,7 +112,7 @@ def _ours(balanced: bool = False, beam_size: int = 1) -> Callable:
 
         data = torch.from_numpy(x)
         start = time.perf_counter()
-        model = RQKMeans(x.shape[1], layers, codes).fit(data, seed=seed, balanced=balanced)
+        model = RQKMeans(x.shape[1], layers, codes).fit(data, seed=seed)
         fitted = time.perf_counter()
         ids = model.get_semantic_ids(data, beam_size=beam_size, balanced=balanced).numpy()
         done = time.perf_counter()

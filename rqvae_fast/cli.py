@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     rqk = fit.add_argument_group("RQ-KMeans (--method rqkmeans)")
     rqk.add_argument("--balanced", action="store_true",
-                     help="size-balanced codes: size-penalised k-means, and IDs assigned to the "
-                          "whole catalogue under a per-prefix capacity (fewer shared IDs, a little "
-                          "more error)")
+                     help="size-balanced IDs: the last code is assigned to the whole catalogue "
+                          "under a capacity per ID prefix (far fewer shared IDs, a little more "
+                          "error)")
     rqk.add_argument("--beam-size", type=_positive_int, default=1, metavar="B",
                      help="encode with a beam of B paths per item (1: greedy; 4 lowers the error)")
     out = fit.add_argument_group("semantic IDs")
@@ -318,8 +318,7 @@ def cmd_fit(args) -> int:
         model.to(device)
         _say(f"fitting RQ-KMeans: {args.layers} layers x {model.codebook_sizes} codes on "
              f"{embeddings.shape[0]} items")
-        model.fit(embeddings, iters=args.kmeans_iters, seed=args.seed, max_samples=args.init_samples,
-                  balanced=args.balanced)
+        model.fit(embeddings, iters=args.kmeans_iters, seed=args.seed, max_samples=args.init_samples)
         save_checkpoint(checkpoint, model.cpu())
         model.to(device)
     else:

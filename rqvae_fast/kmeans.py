@@ -21,6 +21,7 @@ from .modules import ResidualVQ
 METHODS = ("auto", "progressive", "fused", "sklearn")
 PROGRESSIVE_STEPS = 5  # k-means in 5 growing numbers of principal dimensions (FAISS uses 10)
 PROGRESSIVE_ITERS = 10  # Lloyd iterations per step
+MIN_FIRST_WIDTH = 4  # the first step sees at least 4 principal dimensions (1-d merges clusters)
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
 BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
@@ -225,9 +226,11 @@ def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
 
 
 def progressive_dims(dim: int, steps: int) -> List[int]:
-    """Growing widths ``round(dim ** (s / steps))`` for ``s = 1..steps``, deduplicated, ending at
-    ``dim`` (e.g. 256, 5 steps -> 3, 9, 27, 84, 256)."""
-    widths = [max(1, int(dim ** ((s + 1) / max(1, steps)))) for s in range(max(1, steps))]
+    """Growing widths ``int(dim ** (s / steps))`` for ``s = 1..steps``, at least
+    ``min(dim, MIN_FIRST_WIDTH)``, deduplicated, ending at ``dim`` (256, 5 steps -> 4, 9, 27, 84,
+    256)."""
+    first = min(dim, MIN_FIRST_WIDTH)
+    widths = [max(first, int(dim ** ((s + 1) / max(1, steps)))) for s in range(max(1, steps))]
     widths[-1] = dim
     return sorted(set(widths))
 
@@ -236,13 +239,14 @@ def progressive_dims(dim: int, steps: int) -> List[int]:
 def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGRESSIVE_ITERS,
                        steps: int = PROGRESSIVE_STEPS, seed: Optional[int] = None,
                        max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
-                       balanced: bool = False, backend: str = "auto",
+                       balanced: bool = False, seeding: str = "kmeans++", backend: str = "auto",
                        precision: Optional[str] = None) -> KMeansResult:
     """k-means of ``data (N, D)`` in progressively more principal dimensions (the default).
 
     As FAISS's residual quantizer trains each layer: at most ``max_points_per_centroid *
-    num_codes`` random rows; centred and rotated onto their principal axes; seeded with random
-    distinct rows (not k-means++, which picks outliers that stay singletons); ``iters`` Lloyd
+    num_codes`` random rows; centred and rotated onto their principal axes; seeded by k-means++
+    in the first step's few principal dimensions (``seeding="random"``: random distinct rows, as
+    FAISS; k-means++ in all dimensions would pick noise outliers that stay singletons); ``iters`` Lloyd
     iterations on the first :func:`progressive_dims` dimensions, each step warm-started from the
     previous centroids padded with zeros; empty codes split a populated cluster
     (:func:`split_empty`). The coarse steps fix a partition along the directions of largest
@@ -264,9 +268,15 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     mean = points.mean(dim=0)
     axes = _principal_axes(points - mean)
     rotated = (points - mean) @ axes
-    seeds = torch.randperm(points.shape[0], generator=gen, device=points.device)[:num_codes]
     widths = progressive_dims(dim, steps)
-    centroids = rotated.index_select(0, seeds)[:, : widths[0]]
+    if seeding not in ("kmeans++", "random"):
+        raise ValueError(f"seeding must be 'kmeans++' or 'random', got {seeding!r}")
+    if seeding == "kmeans++":  # in the first step's few principal dimensions
+        centroids = kmeans_plusplus(rotated[:, : widths[0]].contiguous(), num_codes, gen,
+                                    64 * num_codes)
+    else:
+        seeds = torch.randperm(points.shape[0], generator=gen, device=points.device)[:num_codes]
+        centroids = rotated.index_select(0, seeds)[:, : widths[0]]
     counts, inertia = torch.zeros(num_codes, device=points.device), 0.0
     for step, width in enumerate(widths):
         if centroids.shape[1] < width:
@@ -437,8 +447,9 @@ class RQKMeans(nn.Module):
         """Learn the codebooks from ``data (N, D)`` (a random ``max_samples`` rows if given).
 
         ``method`` and ``iters``: see :func:`kmeans` (default: progressive-dimension k-means,
-        10 iterations per step). ``balanced``: size-penalised assignment while training (more
-        even code sizes); pair it with ``get_semantic_ids(..., balanced=True)``. ``refine``:
+        10 iterations per step). ``balanced``: size-penalised k-means in every layer (more even
+        layer-wise sizes; on WordLlama it did not cut shared IDs, the balanced *assignment*
+        ``get_semantic_ids(..., balanced=True)`` does). ``refine``:
         rounds of :func:`refine_codebooks` after the layer-wise k-means (lower error)."""
         data = data.to(self.vq.codebooks[0].device)
         if max_samples is not None and data.shape[0] > max_samples:

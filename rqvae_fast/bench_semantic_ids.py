@@ -50,13 +50,15 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
-def load_dataset(name: str, quick: bool, seed: int = 0) -> np.ndarray:
+def load_dataset(name: str, quick: bool, seed: int = 0, synthetic_shape=(50_000, 768)
+                 ) -> np.ndarray:
     """``(N, D)`` float32 L2-normalised rows of data set ``name``; ``ImportError`` if the
-    package holding it is missing."""
+    package holding it is missing. ``synthetic_shape``: items and width of the catalogue (the
+    demo's by default)."""
     if name == "synthetic":
         from .synthetic import make_catalogue
 
-        items, dim = (1000, 32) if quick else (50_000, 768)  # the demo catalogue by default
+        items, dim = (1000, 32) if quick else synthetic_shape
         return _normalise(make_catalogue(items, dim, seed=seed).embeddings.numpy())
     if name == "wordllama":
         from .embedding_sets import wordllama_embeddings
@@ -148,14 +150,17 @@ def _available(module: str) -> bool:
 def methods(quick: bool) -> List[Dict[str, object]]:
     """The compared methods: ``name``, ``run`` and ``needs`` (a module, or None)."""
     return [
-        {"name": "rqvae-fast RQ-KMeans (default, greedy)", "run": _ours(), "needs": None},
-        {"name": "rqvae-fast RQ-KMeans --balanced", "run": _ours(balanced=True), "needs": None},
-        {"name": "rqvae-fast RQ-KMeans, beam 4", "run": _ours(beam_size=4), "needs": None},
-        {"name": "FAISS ResidualQuantizer, greedy (max_beam_size=1)", "run": _peer("faiss", 1),
-         "needs": "faiss"},
-        {"name": "FAISS ResidualQuantizer, default beam (5)", "run": _peer("faiss", 5),
-         "needs": "faiss"},
-        {"name": "scikit-learn residual k-means (floor)", "run": _peer("sklearn"),
+        {"key": "ours", "name": "rqvae-fast RQ-KMeans (default, greedy)", "run": _ours(),
+         "needs": None},
+        {"key": "balanced", "name": "rqvae-fast RQ-KMeans --balanced", "run": _ours(balanced=True),
+         "needs": None},
+        {"key": "beam4", "name": "rqvae-fast RQ-KMeans, beam 4", "run": _ours(beam_size=4),
+         "needs": None},
+        {"key": "faiss", "name": "FAISS ResidualQuantizer, greedy (max_beam_size=1)",
+         "run": _peer("faiss", 1), "needs": "faiss"},
+        {"key": "faiss-beam", "name": "FAISS ResidualQuantizer, default beam (5)",
+         "run": _peer("faiss", 5), "needs": "faiss"},
+        {"key": "sklearn", "name": "scikit-learn residual k-means (floor)", "run": _peer("sklearn"),
          "needs": "sklearn"},
     ]
 
@@ -198,13 +203,16 @@ def mean_vector_error(x: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def bench_dataset(name: str, x: np.ndarray, layers: int, codes: int, repeats: int, seed: int,
-                  quick: bool, with_rqvae: bool) -> Dict[str, object]:
+                  quick: bool, with_rqvae: bool, only: Optional[List[str]] = None
+                  ) -> Dict[str, object]:
     """Every method on ``x``; timings are medians of ``repeats`` interleaved rounds."""
     report: Dict[str, object] = {"dataset": name, "items": int(x.shape[0]), "dim": int(x.shape[1]),
                                  "layers": layers, "codes": codes, "threads": torch.get_num_threads(),
                                  "rows": [], "notes": []}
     todo = []
     for method in methods(quick):
+        if only is not None and method["key"] not in only:
+            continue
         if method["needs"] and not _available(method["needs"]):
             report["notes"].append(f"{method['name']}: skipped ({method['needs']} not installed)")
             continue
@@ -273,6 +281,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rqvae", action="store_true",
                         help="also train the default RQ-VAE and report its end-to-end error and "
                              "the mean-vector baseline")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of ours, balanced, beam4, faiss, faiss-beam, "
+                             "sklearn (default: all)")
+    parser.add_argument("--synthetic-items", type=int, default=50_000,
+                        help="rows of the synthetic catalogue")
+    parser.add_argument("--synthetic-dim", type=int, default=768,
+                        help="width of the synthetic catalogue")
     parser.add_argument("--quick", action="store_true",
                         help="1,000 rows, 3 x 8 codes: a smoke run for CI")
     parser.add_argument("--json", type=Path, default=None, help="write the reports here")
@@ -284,13 +299,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     reports = []
     for name in [d.strip() for d in args.data.split(",") if d.strip()]:
         try:
-            x = load_dataset(name, args.quick, args.seed)
+            x = load_dataset(name, args.quick, args.seed,
+                             (args.synthetic_items, args.synthetic_dim))
         except ImportError as exc:
             print(f"{name}: skipped ({exc})\n", flush=True)
             reports.append({"dataset": name, "skipped": str(exc)})
             continue
+        only = [m.strip() for m in args.methods.split(",")] if args.methods else None
         report = bench_dataset(name, x, args.layers, args.codes, args.repeats, args.seed,
-                               args.quick, args.rqvae)
+                               args.quick, args.rqvae, only)
         reports.append(report)
         print(markdown(report) + "\n", flush=True)
     if args.json is not None:

@@ -13,7 +13,7 @@ from rqvae_fast.synthetic import make_catalogue
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = ["--layers", "2", "--codebook-size", "8,16"]
+SIZES = ["--layers", "2", "--codebook-size", "16,64"]  # 1,024 IDs for 400 items
 
 
 @pytest.fixture

@@ -30,11 +30,12 @@ def sq_distances(x: torch.Tensor, centroids: torch.Tensor,
 
 
 @torch.no_grad()
-def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tensor] = None
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            row_sq: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(codes (N,) int64, sq_dist (N,) fp32)``: per row of ``x (N, D)`` the code minimising
     ``||x - c_k||^2 + bias_k`` over ``centroids (K, D)`` (``bias (K,)``, default 0; ties to the
-    lowest code) and that row's squared distance to it (without the bias)."""
+    lowest code) and that row's squared distance to it (without the bias). ``row_sq (N,)`` may
+    pass precomputed ``||x||^2`` (k-means iterations reuse it)."""
     n = x.shape[0]
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -49,7 +50,8 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tenso
         if bias is not None:
             best = best - bias.index_select(0, idx)
         codes[lo:lo + step] = idx
-        dist[lo:lo + step] = (best + rows.pow(2).sum(dim=1)).clamp_min_(0.0)
+        norms = rows.pow(2).sum(dim=1) if row_sq is None else row_sq[lo:lo + step]
+        dist[lo:lo + step] = (best + norms).clamp_min_(0.0)
     return codes, dist
 
 

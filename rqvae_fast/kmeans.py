@@ -22,6 +22,7 @@ METHODS = ("auto", "progressive", "fused", "sklearn")
 PROGRESSIVE_STEPS = 5  # k-means in 5 growing numbers of principal dimensions (FAISS uses 10)
 PROGRESSIVE_ITERS = 10  # Lloyd iterations per step
 MIN_FIRST_WIDTH = 4  # the first step sees at least 4 principal dimensions (1-d merges clusters)
+KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draws from 8 rows/code
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
 BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
@@ -197,6 +198,7 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     counts = torch.zeros(num_codes, device=points.device)
     inertia = float("nan")
     fused = points.device.type == "cuda" and not balanced
+    row_sq = None if fused else points.pow(2).sum(dim=1)
     for _ in range(iters):
         if fused:
             result = residual_quantize(points, [centroids], 0.0, backend=backend,
@@ -204,7 +206,7 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
             counts, sums = result.code_counts[0], result.code_sums[0]
             inertia_t = result.layer_losses[0] * points.shape[1]
         else:
-            codes, dist = nearest(points, centroids, bias)
+            codes, dist = nearest(points, centroids, bias, row_sq)
             counts, sums = code_sums(points, codes, num_codes)
             inertia_t = dist.mean()
             if bias is not None:
@@ -273,7 +275,7 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         raise ValueError(f"seeding must be 'kmeans++' or 'random', got {seeding!r}")
     if seeding == "kmeans++":  # in the first step's few principal dimensions
         centroids = kmeans_plusplus(rotated[:, : widths[0]].contiguous(), num_codes, gen,
-                                    64 * num_codes)
+                                    KMEANS_PP_ROWS_PER_CODE * num_codes)
     else:
         seeds = torch.randperm(points.shape[0], generator=gen, device=points.device)[:num_codes]
         centroids = rotated.index_select(0, seeds)[:, : widths[0]]
@@ -479,8 +481,8 @@ class RQKMeans(nn.Module):
                          beam_size: int = 1, balanced: bool = False) -> torch.Tensor:
         """``(N, L)`` int64 codes of ``x (N, D)``, ``batch_size`` rows at a time if given.
 
-        ``beam_size > 1``: beam search (:func:`rqvae_fast.beam.beam_encode`) instead of the fused
-        greedy pass. ``balanced``: size-balanced codes for the whole set ``x`` at once
+        Greedy: the fused quantizer pass on CUDA, :func:`rqvae_fast.beam.greedy_encode` on CPU.
+        ``beam_size > 1``: beam search (:func:`rqvae_fast.beam.beam_encode`). ``balanced``: size-balanced codes for the whole set ``x`` at once
         (:func:`rqvae_fast.balanced.balanced_encode`; ``batch_size`` and ``beam_size`` do not
         apply)."""
         device = self.vq.codebooks[0].device
@@ -496,6 +498,11 @@ class RQKMeans(nn.Module):
             from .beam import beam_encode
 
             parts = [beam_encode(x[i:i + step].to(device, torch.float32), books, beam_size)[0]
+                     for i in range(0, x.shape[0], step)]
+        elif device.type == "cpu":  # plain addmm + min: on CPU as fast as the fused pass or faster
+            from .beam import greedy_encode
+
+            parts = [greedy_encode(x[i:i + step].to(device, torch.float32), books)[0]
                      for i in range(0, x.shape[0], step)]
         else:
             parts = [self.vq.quantize(x[i:i + step].to(device, torch.float32),

@@ -404,6 +404,20 @@ def load_codebooks(vq: ResidualVQ, results: Sequence[KMeansResult]) -> None:
         layer.load_centroids(fitted.centroids, fitted.counts)
 
 
+def _codes_or_minus_one(x: torch.Tensor, books: Sequence[torch.Tensor], beam_size: int = 1
+                        ) -> torch.Tensor:
+    """Greedy (or beam) codes ``(N, L)`` of ``x (N, D)``; rows holding NaN/Inf get ``-1`` codes
+    (as the fused pass marks rows it could not quantize)."""
+    from .beam import beam_encode
+
+    finite = torch.isfinite(x).all(dim=1)
+    if bool(finite.all()):
+        return beam_encode(x, books, beam_size)[0]
+    codes = torch.full((x.shape[0], len(books)), -1, dtype=torch.int64, device=x.device)
+    codes[finite] = beam_encode(x[finite], books, beam_size)[0]
+    return codes
+
+
 class RQKMeans(nn.Module):
     """Residual k-means without an encoder (the common industrial alternative to RQ-VAE).
 
@@ -494,15 +508,8 @@ class RQKMeans(nn.Module):
 
             return balanced_encode(x.to(device, torch.float32), books)[0]
         step = batch_size or max(1, x.shape[0])
-        if beam_size > 1:
-            from .beam import beam_encode
-
-            parts = [beam_encode(x[i:i + step].to(device, torch.float32), books, beam_size)[0]
-                     for i in range(0, x.shape[0], step)]
-        elif device.type == "cpu":  # plain addmm + min: on CPU as fast as the fused pass or faster
-            from .beam import greedy_encode
-
-            parts = [greedy_encode(x[i:i + step].to(device, torch.float32), books)[0]
+        if beam_size > 1 or device.type == "cpu":  # on CPU plain addmm + min beats the fused pass
+            parts = [_codes_or_minus_one(x[i:i + step].to(device, torch.float32), books, beam_size)
                      for i in range(0, x.shape[0], step)]
         else:
             parts = [self.vq.quantize(x[i:i + step].to(device, torch.float32),

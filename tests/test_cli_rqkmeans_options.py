@@ -63,3 +63,20 @@ def test_option_misuse_is_a_clear_error(tmp_path, small_npy, capsys):
         run_cli(capsys, "fit", small_npy, "--method", "rqkmeans", "--beam-size", "0")
     assert stop.value.code == 2
     assert "--beam-size: expected a positive integer" in capsys.readouterr().err
+
+
+def test_beam_encode_reports_nonfinite_rows(tmp_path, small_npy, capsys):
+    out = tmp_path / "km"
+    code, _, err = run_cli(capsys, "fit", small_npy, "--method", "rqkmeans", *SIZES, "--out", out)
+    assert code == 0, err
+    data = np.load(small_npy)
+    data[7] = np.nan
+    bad = tmp_path / "bad.npy"
+    np.save(bad, data)
+    code, _, err = run_cli(capsys, "encode", out / "checkpoint.pt", bad, "--out", tmp_path / "e",
+                           "--no-progress", "--beam-size", "3")
+    assert_user_error(code, err, "row 7")
+    code, _, err = run_cli(capsys, "encode", out / "checkpoint.pt", bad, "--out", tmp_path / "e",
+                           "--no-progress", "--beam-size", "3", "--drop-nonfinite")
+    assert code == 0, err
+    assert np.load(tmp_path / "e" / "codes.npy").shape[0] == 399

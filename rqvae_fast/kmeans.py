@@ -24,7 +24,7 @@ PROGRESSIVE_ITERS = 10  # Lloyd iterations per step
 MIN_FIRST_WIDTH = 4  # the first step sees at least 4 principal dimensions (1-d merges clusters)
 KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draws from 8 rows/code
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
-BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
+BALANCE_STRENGTH = 0.3  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
 
@@ -254,7 +254,7 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     (:func:`split_empty`). The coarse steps fix a partition along the directions of largest
     variance; the full-width steps only refine it, so the rich-get-richer drift of k-means on
     near-isotropic residuals (see docs/PIPELINE.md) never starts. ``balanced`` adds the size
-    penalty of :func:`_lloyd` in the last step. Returns centroids in the input space; ``counts``
+    penalty of :func:`_lloyd` in every step. Returns centroids in the input space; ``counts``
     of the training rows scaled to ``N``. Fewer rows than codes: rows drawn with replacement.
     """
     points = _check_data(data)
@@ -284,9 +284,8 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         if centroids.shape[1] < width:
             pad = centroids.new_zeros(num_codes, width - centroids.shape[1])
             centroids = torch.cat([centroids, pad], dim=1)
-        last = step == len(widths) - 1
         centroids, counts, inertia = _lloyd(rotated[:, :width].contiguous(), centroids, iters, gen,
-                                            balanced and last, backend, precision)
+                                            balanced, backend, precision)
     centroids = (centroids @ axes.t() + mean).contiguous()
     counts = counts * (n / points.shape[0])
     return KMeansResult(centroids, counts, inertia, iters * len(widths))

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plot", action="store_true",
                        help="also write OUT/training.png (needs matplotlib)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rqk = fit.add_argument_group("RQ-KMeans (--method rqkmeans)")
+    rqk.add_argument("--balanced", action="store_true",
+                     help="size-balanced IDs: the last code is assigned to the whole catalogue "
+                          "under a capacity per ID prefix (far fewer shared IDs, a little more "
+                          "error)")
+    rqk.add_argument("--beam-size", type=_positive_int, default=1, metavar="B",
+                     help="encode with a beam of B paths per item (1: greedy; 4 lowers the error)")
     out = fit.add_argument_group("semantic IDs")
     out.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv",
                      help="format of the ID table")
@@ -205,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ...")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_overwrite_option(enc)
+    enc.add_argument("--beam-size", type=_positive_int, default=1, metavar="B",
+                     help="RQ-KMeans checkpoints: beam search with B paths per item (1: greedy)")
     _add_input_options(enc)
     enc.set_defaults(func=cmd_encode)
 
@@ -313,6 +322,10 @@ def cmd_fit(args) -> int:
     if args.resume and not checkpoint.exists():
         raise UserError(f"--resume: no checkpoint at {checkpoint}")
 
+    if args.method != "rqkmeans" and (args.balanced or args.beam_size > 1):
+        raise UserError("--balanced and --beam-size apply to --method rqkmeans only")
+    if args.balanced and args.beam_size > 1:
+        raise UserError("--balanced assigns IDs jointly; it does not combine with --beam-size")
     torch.manual_seed(args.seed)
     model = _model_from_args(args, int(embeddings.shape[1]))
     device = resolve_device(args.device)
@@ -335,8 +348,14 @@ def cmd_fit(args) -> int:
         result = trainer.fit(embeddings, resume_from=checkpoint if args.resume else None)
         model = result.model
 
-    codes = model.get_semantic_ids(embeddings, batch_size=65536).cpu().numpy()
+    if args.method == "rqkmeans":
+        codes = model.get_semantic_ids(embeddings, batch_size=65536, beam_size=args.beam_size,
+                                       balanced=args.balanced).cpu().numpy()
+    else:
+        codes = model.get_semantic_ids(embeddings, batch_size=65536).cpu().numpy()
     summary = {"items": int(codes.shape[0]), "method": args.method, "config": model.config}
+    if args.method == "rqkmeans":
+        summary.update(balanced=args.balanced, beam_size=args.beam_size)
     lines = _id_report(codes, model.codebook_sizes, summary)
     if labels is not None:
         lines += _purity_report(codes, labels, level_names, summary)
@@ -411,7 +430,7 @@ def _final_codes(codes: np.ndarray, no_dedup: bool, summary: dict) -> np.ndarray
 
 
 def _id_report(codes: np.ndarray, sizes: Sequence[int], summary: dict) -> List[str]:
-    from .metrics import collision_stats, layer_stats
+    from .metrics import collision_stats, layer_stats, low_perplexity_warnings
 
     collisions = collision_stats(codes)
     layers = layer_stats(codes, sizes)
@@ -420,7 +439,9 @@ def _id_report(codes: np.ndarray, sizes: Sequence[int], summary: dict) -> List[s
     summary["layers"] = [vars(layer) for layer in layers]
     usage_text = ", ".join(f"layer {s.layer}: {s.used}/{s.size} used, perplexity {s.perplexity:.0f}"
                            for s in layers)
-    return [
+    skewed = low_perplexity_warnings([s.perplexity for s in layers], sizes, codes.shape[0])
+    summary["warnings"] = skewed
+    return [f"warning: {w}" for w in skewed] + [
         f"codes: {usage_text}",
         f"shared IDs: {collisions.colliding_share:.1%} of {collisions.items} items share their "
         f"{len(sizes)}-code ID with another item (largest group {collisions.largest_group}, "
@@ -518,12 +539,15 @@ def cmd_encode(args) -> int:
         _claim_output_folder(out_dir, args.overwrite)
     device = _encode_device(args.device, world)
     model = load_model(args.checkpoint, device=device)
+    if args.beam_size > 1 and getattr(model, "kind", None) != "rqkmeans":
+        raise UserError("--beam-size applies to RQ-KMeans checkpoints only")
     source = _open_source(args)
     rows = shard_rows(source.num_rows, rank, world) if world > 1 else None
     encode_started = time.perf_counter()
     encoded = encode_source(model, source, batch_size=args.batch_size, device=device,
                             drop_nonfinite=args.drop_nonfinite,
-                            progress=not args.no_progress and rank == 0, rows=rows)
+                            progress=not args.no_progress and rank == 0, rows=rows,
+                            beam_size=args.beam_size)
     encode_seconds = time.perf_counter() - encode_started
     if world > 1:  # one shard per rank; 'merge' dedups globally and writes the outputs
         if encoded.dropped_rows:

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .assign import code_sums, nearest
 from .functional import residual_quantize
 from .modules import ResidualVQ
 
-METHODS = ("auto", "fused", "sklearn")
-SKLEARN_MAX_ROWS = 10_000  # "auto" uses scikit-learn up to this many rows on CPU
+METHODS = ("auto", "progressive", "fused", "sklearn")
+PROGRESSIVE_STEPS = 5  # k-means in 5 growing numbers of principal dimensions (FAISS uses 10)
+PROGRESSIVE_ITERS = 10  # Lloyd iterations per step
+MIN_FIRST_WIDTH = 4  # the first step sees at least 4 principal dimensions (1-d merges clusters)
+KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draws from 8 rows/code
+MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
+BALANCE_STRENGTH = 0.3  # size-penalty step of balanced k-means, in units of the mean distance
+SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
+REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
 
 
 class KMeansResult(NamedTuple):
@@ -92,7 +100,7 @@ def fused_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = 20, seed: O
 
     Seeds by greedy k-means++ on ``init_sample`` rows (default ``64 * num_codes``), or starts from
     ``init (num_codes, D)``; each iteration is one fused assignment + statistics pass. A centroid
-    left empty is moved onto the row farthest from its own centroid. Stops early when the relative
+    left empty splits a populated cluster (:func:`split_empty`). Stops early when the relative
     centroid shift falls to ``tol`` (> 0; this check synchronizes the device once per iteration).
     With fewer rows than codes, rows are drawn with replacement as the seed does.
     """
@@ -120,9 +128,8 @@ def fused_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = 20, seed: O
         counts, sums = result.code_counts[0], result.code_sums[0]
         inertia_t = result.layer_losses[0] * points.shape[1]
         updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)
-        empty = counts == 0
-        if bool(empty.any()):
-            updated = _reseed_empty(points, result.quantized, updated, empty)
+        if bool((counts == 0).any()):
+            updated, _ = split_empty(updated, counts, gen)
         shift = None
         if tol > 0:
             shift = float((updated - centroids).pow(2).sum() / centroids.pow(2).sum().clamp_min(1e-30))
@@ -135,15 +142,154 @@ def fused_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = 20, seed: O
     return KMeansResult(centroids, counts, inertia, done)
 
 
-def _reseed_empty(points, assigned, centroids, empty):
-    """Move empty centroids onto the rows farthest from their own centroid (distinct rows)."""
-    far = (points - assigned).pow(2).sum(dim=1)
-    slots = torch.nonzero(empty).flatten()
-    take = min(int(slots.numel()), points.shape[0])
-    rows = far.topk(take).indices
-    centroids = centroids.clone()
-    centroids[slots[:take]] = points.index_select(0, rows)
-    return centroids
+def split_empty(centroids: torch.Tensor, counts: torch.Tensor, generator: torch.Generator
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Give every empty code half of a populated cluster (FAISS's rule, our code).
+
+    For each empty code, a donor cluster is drawn with probability proportional to ``count - 1``
+    (big clusters split most often; singletons never); the donor's centroid is copied and the two
+    copies are pushed apart by a symmetric relative perturbation of :data:`SPLIT_EPS` (``+`` on
+    even dimensions for one copy, ``-`` for the other), so the next assignment cuts the donor's
+    cluster in two. ``centroids (K, D)`` and ``counts (K,)`` fp32 are returned updated (copies).
+    Unlike moving empty codes onto outlying rows, this never makes singleton codes.
+    """
+    centroids, counts = centroids.clone(), counts.clone().float()
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if not empty or float(counts.sum()) <= len(counts):
+        return centroids, counts
+    sign = torch.ones(centroids.shape[1], device=centroids.device)
+    sign[1::2] = -1.0
+    for code in empty:
+        weights = (counts - 1.0).clamp_min(0.0)
+        if float(weights.sum()) <= 0:
+            break
+        donor = int(torch.multinomial(weights.cpu(), 1, generator=_cpu(generator)))
+        base = centroids[donor].clone()
+        centroids[code] = base * (1.0 + SPLIT_EPS * sign)
+        centroids[donor] = base * (1.0 - SPLIT_EPS * sign)
+        half = counts[donor] / 2
+        counts[code] = half
+        counts[donor] -= half
+    return centroids, counts
+
+
+def _cpu(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator derived from ``generator`` (multinomial on host weights needs one)."""
+    if generator.device.type == "cpu":
+        return generator
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)
+
+
+def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator: torch.Generator,
+           balanced: bool, backend: str, precision: Optional[str]):
+    """``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
+
+    Returns ``(centroids, counts (K,), inertia)`` with counts and inertia (mean squared distance)
+    of the last assignment. On CUDA without balancing, an iteration is one fused quantizer pass
+    (kernel assignment + statistics); elsewhere, chunked ``addmm`` + ``min`` and ``index_add_``
+    (on CPU as fast as the fused path or faster, and it takes the size penalty). With ``balanced``
+    a per-code penalty added to the squared distances grows by :data:`BALANCE_STRENGTH` x the
+    mean distance x the code's relative excess over the even share (clipped to [-1, 1]) each
+    iteration, so crowded codes shed their boundary rows and small ones gain rows.
+    """
+    num_codes = centroids.shape[0]
+    n = points.shape[0]
+    bias = torch.zeros(num_codes, device=points.device) if balanced else None
+    counts = torch.zeros(num_codes, device=points.device)
+    inertia = float("nan")
+    fused = points.device.type == "cuda" and not balanced
+    row_sq = None if fused else points.pow(2).sum(dim=1)
+    for _ in range(iters):
+        if fused:
+            result = residual_quantize(points, [centroids], 0.0, backend=backend,
+                                       precision=precision, compute_stats=True)
+            counts, sums = result.code_counts[0], result.code_sums[0]
+            inertia_t = result.layer_losses[0] * points.shape[1]
+        else:
+            codes, dist = nearest(points, centroids, bias, row_sq)
+            counts, sums = code_sums(points, codes, num_codes)
+            inertia_t = dist.mean()
+            if bias is not None:
+                excess = (counts * (num_codes / n) - 1.0).clamp(-1.0, 1.0)
+                bias = bias + BALANCE_STRENGTH * inertia_t * excess
+        updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)
+        if bool((counts == 0).any()):
+            updated, _ = split_empty(updated, counts, generator)
+        centroids = updated
+        inertia = inertia_t
+    return centroids, counts, float(inertia)
+
+
+def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
+    """``(D, D)`` fp32 orthonormal axes of ``centred (n, D)``, by decreasing variance."""
+    cov = centred.double().t() @ centred.double()
+    _, vectors = torch.linalg.eigh(cov)
+    return vectors.flip(1).float().contiguous()
+
+
+def progressive_dims(dim: int, steps: int) -> List[int]:
+    """Growing widths ``int(dim ** (s / steps))`` for ``s = 1..steps``, at least
+    ``min(dim, MIN_FIRST_WIDTH)``, deduplicated, ending at ``dim`` (256, 5 steps -> 4, 9, 27, 84,
+    256)."""
+    first = min(dim, MIN_FIRST_WIDTH)
+    widths = [max(first, int(dim ** ((s + 1) / max(1, steps)))) for s in range(max(1, steps))]
+    widths[-1] = dim
+    return sorted(set(widths))
+
+
+@torch.no_grad()
+def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGRESSIVE_ITERS,
+                       steps: int = PROGRESSIVE_STEPS, seed: Optional[int] = None,
+                       max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
+                       balanced: bool = False, seeding: str = "kmeans++", backend: str = "auto",
+                       precision: Optional[str] = None) -> KMeansResult:
+    """k-means of ``data (N, D)`` in progressively more principal dimensions (the default).
+
+    As FAISS's residual quantizer trains each layer: at most ``max_points_per_centroid *
+    num_codes`` random rows; centred and rotated onto their principal axes; seeded by k-means++
+    in the first step's few principal dimensions (``seeding="random"``: random distinct rows, as
+    FAISS; k-means++ in all dimensions would pick noise outliers that stay singletons); ``iters`` Lloyd
+    iterations on the first :func:`progressive_dims` dimensions, each step warm-started from the
+    previous centroids padded with zeros; empty codes split a populated cluster
+    (:func:`split_empty`). The coarse steps fix a partition along the directions of largest
+    variance; the full-width steps only refine it, so the rich-get-richer drift of k-means on
+    near-isotropic residuals (see docs/PIPELINE.md) never starts. ``balanced`` adds the size
+    penalty of :func:`_lloyd` in every step. Returns centroids in the input space; ``counts``
+    of the training rows scaled to ``N``. Fewer rows than codes: rows drawn with replacement.
+    """
+    points = _check_data(data)
+    gen = _generator(points.device, seed)
+    n, dim = points.shape
+    if n < num_codes:
+        pick = torch.randint(n, (num_codes,), generator=gen, device=points.device)
+        return KMeansResult(points.index_select(0, pick), torch.ones(num_codes, device=points.device),
+                            0.0, 0)
+    if max_points_per_centroid is not None and n > max_points_per_centroid * num_codes:
+        pick = torch.randperm(n, generator=gen, device=points.device)
+        points = points.index_select(0, pick[: max_points_per_centroid * num_codes])
+    mean = points.mean(dim=0)
+    axes = _principal_axes(points - mean)
+    rotated = (points - mean) @ axes
+    widths = progressive_dims(dim, steps)
+    if seeding not in ("kmeans++", "random"):
+        raise ValueError(f"seeding must be 'kmeans++' or 'random', got {seeding!r}")
+    if seeding == "kmeans++":  # in the first step's few principal dimensions
+        centroids = kmeans_plusplus(rotated[:, : widths[0]].contiguous(), num_codes, gen,
+                                    KMEANS_PP_ROWS_PER_CODE * num_codes)
+    else:
+        seeds = torch.randperm(points.shape[0], generator=gen, device=points.device)[:num_codes]
+        centroids = rotated.index_select(0, seeds)[:, : widths[0]]
+    counts, inertia = torch.zeros(num_codes, device=points.device), 0.0
+    for step, width in enumerate(widths):
+        if centroids.shape[1] < width:
+            pad = centroids.new_zeros(num_codes, width - centroids.shape[1])
+            centroids = torch.cat([centroids, pad], dim=1)
+        centroids, counts, inertia = _lloyd(rotated[:, :width].contiguous(), centroids, iters, gen,
+                                            balanced, backend, precision)
+    centroids = (centroids @ axes.t() + mean).contiguous()
+    counts = counts * (n / points.shape[0])
+    return KMeansResult(centroids, counts, inertia, iters * len(widths))
 
 
 class KMeansWarning(UserWarning):
@@ -192,26 +338,46 @@ def _nearest(array: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return scores.argmin(axis=1)
 
 
-def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: int = 20,
-           seed: Optional[int] = None, backend: str = "auto",
-           precision: Optional[str] = None) -> KMeansResult:
-    """k-means of ``data (N, D)``: ``"sklearn"``, ``"fused"``, or ``"auto"`` (scikit-learn for up to
-    :data:`SKLEARN_MAX_ROWS` rows on CPU, the fused k-means otherwise)."""
+def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: Optional[int] = None,
+           seed: Optional[int] = None, backend: str = "auto", precision: Optional[str] = None,
+           balanced: bool = False) -> KMeansResult:
+    """k-means of ``data (N, D)`` by ``method``:
+
+    - ``"auto"`` / ``"progressive"``: :func:`progressive_kmeans` (``iters`` per step, default
+      :data:`PROGRESSIVE_ITERS`), balanced clusters on real and near-isotropic data;
+    - ``"fused"``: k-means++ and Lloyd on the fused kernels (:func:`fused_kmeans`, ``iters``
+      default 20);
+    - ``"sklearn"``: scikit-learn's k-means++ (the seed's choice; skews deep residual layers).
+
+    ``balanced`` (progressive only) adds a size penalty to the assignment (see :func:`_lloyd`).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        method = "sklearn" if (data.device.type == "cpu" and data.shape[0] <= SKLEARN_MAX_ROWS) \
-            else "fused"
+    if balanced and method not in ("auto", "progressive"):
+        raise ValueError(f"balanced k-means needs method 'auto' or 'progressive', got {method!r}")
     if method == "sklearn":
         return sklearn_kmeans(data, num_codes, seed=seed)
-    return fused_kmeans(data, num_codes, iters=iters, seed=seed, backend=backend,
-                        precision=precision)
+    if method == "fused":
+        return fused_kmeans(data, num_codes, iters=20 if iters is None else iters, seed=seed,
+                            backend=backend, precision=precision)
+    return progressive_kmeans(data, num_codes, iters=PROGRESSIVE_ITERS if iters is None else iters,
+                              seed=seed, balanced=balanced, backend=backend, precision=precision)
+
+
+def _assign(points: torch.Tensor, centroids: torch.Tensor, backend: str,
+            precision: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(codes (N,) int64, quantized (N, D))``: nearest centroid per row (fused pass on CUDA)."""
+    if points.device.type == "cuda":
+        result = residual_quantize(points, [centroids], 0.0, backend=backend, precision=precision)
+        return result.indices[:, 0], result.quantized
+    codes, _ = nearest(points, centroids)
+    return codes, centroids.index_select(0, codes)
 
 
 @torch.no_grad()
 def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method: str = "auto",
-                    iters: int = 20, seed: Optional[int] = None, backend: str = "auto",
-                    precision: Optional[str] = None) -> List[KMeansResult]:
+                    iters: Optional[int] = None, seed: Optional[int] = None, backend: str = "auto",
+                    precision: Optional[str] = None, balanced: bool = False) -> List[KMeansResult]:
     """Layer-wise k-means: layer ``l`` clusters the residuals layers ``< l`` leave of ``data (N, D)``.
 
     Returns one :class:`KMeansResult` per layer. ``data`` is not modified.
@@ -221,12 +387,36 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
     for layer, size in enumerate(codebook_sizes):
         layer_seed = None if seed is None else int(seed) + 1009 * layer
         fitted = kmeans(residual, int(size), method=method, iters=iters, seed=layer_seed,
-                        backend=backend, precision=precision)
+                        backend=backend, precision=precision, balanced=balanced)
         results.append(fitted)
-        assigned = residual_quantize(residual, [fitted.centroids], 0.0, backend=backend,
-                                     precision=precision)
-        residual = residual - assigned.quantized
+        _, quantized = _assign(residual, fitted.centroids, backend, precision)
+        residual = residual - quantized
     return results
+
+
+@torch.no_grad()
+def refine_codebooks(data: torch.Tensor, codebooks: Sequence[torch.Tensor], rounds: int = 1
+                     ) -> List[torch.Tensor]:
+    """Refit residual codebooks jointly: ``rounds`` x (greedy-encode ``data (N, D)``, then for
+    each layer in turn set every used codeword to the mean of what the other layers leave of its
+    rows, ``x - sum_{j != l} c_j``). Layer-wise k-means fits layer ``l`` before the later layers
+    exist; this lets it account for them. Returns new ``(K_l, D)`` fp32 codebooks."""
+    from .beam import greedy_encode
+
+    books = [b.detach().float().clone() for b in codebooks]
+    points = _check_data(data)
+    for _ in range(rounds):
+        codes, _ = greedy_encode(points, books)
+        parts = [book.index_select(0, codes[:, layer]) for layer, book in enumerate(books)]
+        recon = torch.stack(parts).sum(dim=0)
+        for layer, book in enumerate(books):
+            target = points - (recon - parts[layer])
+            counts, sums = code_sums(target, codes[:, layer], book.shape[0])
+            books[layer] = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None],
+                                       book)
+            parts[layer] = books[layer].index_select(0, codes[:, layer])
+            recon = points - target + parts[layer]
+    return books
 
 
 @torch.no_grad()
@@ -236,6 +426,20 @@ def load_codebooks(vq: ResidualVQ, results: Sequence[KMeansResult]) -> None:
         raise ValueError(f"{len(results)} k-means results for {len(vq.vq_layers)} layers")
     for layer, fitted in zip(vq.vq_layers, results):
         layer.load_centroids(fitted.centroids, fitted.counts)
+
+
+def _codes_or_minus_one(x: torch.Tensor, books: Sequence[torch.Tensor], beam_size: int = 1
+                        ) -> torch.Tensor:
+    """Greedy (or beam) codes ``(N, L)`` of ``x (N, D)``; rows holding NaN/Inf get ``-1`` codes
+    (as the fused pass marks rows it could not quantize)."""
+    from .beam import beam_encode
+
+    finite = torch.isfinite(x).all(dim=1)
+    if bool(finite.all()):
+        return beam_encode(x, books, beam_size)[0]
+    codes = torch.full((x.shape[0], len(books)), -1, dtype=torch.int64, device=x.device)
+    codes[finite] = beam_encode(x[finite], books, beam_size)[0]
+    return codes
 
 
 class RQKMeans(nn.Module):
@@ -277,16 +481,27 @@ class RQKMeans(nn.Module):
         return list(self.num_embeddings_list)
 
     @torch.no_grad()
-    def fit(self, data: torch.Tensor, *, iters: int = 20, method: str = "auto",
-            seed: Optional[int] = None, max_samples: Optional[int] = None) -> "RQKMeans":
-        """Learn the codebooks from ``data (N, D)`` (a random ``max_samples`` rows if given)."""
+    def fit(self, data: torch.Tensor, *, iters: Optional[int] = None, method: str = "auto",
+            seed: Optional[int] = None, max_samples: Optional[int] = None,
+            balanced: bool = False, refine: int = REFINE_ROUNDS) -> "RQKMeans":
+        """Learn the codebooks from ``data (N, D)`` (a random ``max_samples`` rows if given).
+
+        ``method`` and ``iters``: see :func:`kmeans` (default: progressive-dimension k-means,
+        10 iterations per step). ``balanced``: size-penalised k-means in every layer (more even
+        layer-wise sizes; on WordLlama it did not cut shared IDs, the balanced *assignment*
+        ``get_semantic_ids(..., balanced=True)`` does). ``refine``:
+        rounds of :func:`refine_codebooks` after the layer-wise k-means (lower error)."""
         data = data.to(self.vq.codebooks[0].device)
         if max_samples is not None and data.shape[0] > max_samples:
             gen = _generator(torch.device("cpu"), seed)
             pick = torch.randperm(data.shape[0], generator=gen)[:max_samples].to(data.device)
             data = data.index_select(0, pick)
         results = residual_kmeans(data, self.num_embeddings_list, method=method, iters=iters,
-                                  seed=seed, backend=self.backend, precision=self.precision)
+                                  seed=seed, backend=self.backend, precision=self.precision,
+                                  balanced=balanced)
+        if refine > 0:
+            books = refine_codebooks(data, [r.centroids for r in results], refine)
+            results = [r._replace(centroids=book) for r, book in zip(results, books)]
         load_codebooks(self.vq, results)
         return self
 
@@ -300,12 +515,30 @@ class RQKMeans(nn.Module):
         return quantized, indices
 
     @torch.no_grad()
-    def get_semantic_ids(self, x: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """``(N, L)`` int64 codes of ``x (N, D)``, ``batch_size`` rows at a time if given."""
+    def get_semantic_ids(self, x: torch.Tensor, batch_size: Optional[int] = None, *,
+                         beam_size: int = 1, balanced: bool = False) -> torch.Tensor:
+        """``(N, L)`` int64 codes of ``x (N, D)``, ``batch_size`` rows at a time if given.
+
+        Greedy: the fused quantizer pass on CUDA, :func:`rqvae_fast.beam.greedy_encode` on CPU.
+        ``beam_size > 1``: beam search (:func:`rqvae_fast.beam.beam_encode`). ``balanced``: size-balanced codes for the whole set ``x`` at once
+        (:func:`rqvae_fast.balanced.balanced_encode`; ``batch_size`` and ``beam_size`` do not
+        apply)."""
         device = self.vq.codebooks[0].device
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f"beam_size must be an integer >= 1, got {beam_size!r}")
+        books = [book.detach() for book in self.vq.codebooks]
+        if balanced:
+            from .balanced import balanced_encode
+
+            return balanced_encode(x.to(device, torch.float32), books)[0]
         step = batch_size or max(1, x.shape[0])
-        parts = [self.vq.quantize(x[i:i + step].to(device, torch.float32), compute_stats=False).indices
-                 for i in range(0, x.shape[0], step)]
+        if beam_size > 1 or device.type == "cpu":  # on CPU plain addmm + min beats the fused pass
+            parts = [_codes_or_minus_one(x[i:i + step].to(device, torch.float32), books, beam_size)
+                     for i in range(0, x.shape[0], step)]
+        else:
+            parts = [self.vq.quantize(x[i:i + step].to(device, torch.float32),
+                                      compute_stats=False).indices
+                     for i in range(0, x.shape[0], step)]
         if not parts:
             return torch.empty((0, len(self.num_embeddings_list)), dtype=torch.int64, device=device)
         return torch.cat(parts)
@@ -319,7 +552,11 @@ __all__ = [
     "kmeans",
     "kmeans_plusplus",
     "load_codebooks",
+    "progressive_dims",
+    "progressive_kmeans",
+    "refine_codebooks",
     "residual_kmeans",
     "KMeansWarning",
     "sklearn_kmeans",
+    "split_empty",
 ]

@@ -223,9 +223,29 @@ class TrainingFacts:
     ema: bool = False
     settled: bool = True  # False in the first epochs: only divergence is reported then
     final: bool = True  # the run's last epoch: the reconstruction is judged only then
+    layer_perplexity: Sequence[float] = ()  # per layer; empty: no perplexity check
 
 
-COLLAPSE_USAGE = 0.10
+COLLAPSE_USAGE = 0.10  # warn when a layer uses fewer than 10 % of its codes
+MIN_PERPLEXITY_SHARE = 0.25  # ... or when its perplexity is below 25 % of min(size, items)
+
+
+def low_perplexity_warnings(perplexities: Sequence[float], sizes: Sequence[int], items: int,
+                            share: float = MIN_PERPLEXITY_SHARE,
+                            skip: Sequence[int] = ()) -> List[str]:
+    """One warning per layer (not in ``skip``) whose perplexity is below
+    ``share * min(size, items)``: most items sit on a few codes (a skewed or collapsed layer; big,
+    loose ID groups). Both methods use it: RQ-KMeans after ``fit``, the RQ-VAE after every
+    settled epoch and after ``fit``."""
+    warnings = []
+    for layer, (ppl, size) in enumerate(zip(perplexities, sizes)):
+        floor = share * min(int(size), max(1, int(items)))
+        if ppl < floor and layer not in skip:
+            warnings.append(f"skewed layer {layer}: perplexity {ppl:.1f} of {size} codes is below "
+                            f"{share:.0%} of {min(int(size), int(items))}; most items share a few "
+                            "codes (with RQ-KMeans use the default k-means method; with the RQ-VAE "
+                            "see the collapse causes in docs/PIPELINE.md)")
+    return warnings
 
 
 def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> List[str]:
@@ -250,6 +270,10 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
             continue
         warnings.append(f"codebook collapse in layer {layer}: {share:.0%} of {size} codes used; "
                         f"likely cause: {_collapse_cause(facts, size)}")
+    collapsed = {layer for layer, share in enumerate(facts.layer_usage) if share < collapse_usage}
+    if facts.layer_perplexity:
+        warnings += low_perplexity_warnings(facts.layer_perplexity, facts.codebook_sizes,
+                                            facts.num_train_items, skip=sorted(collapsed))
     if facts.final and math.isfinite(facts.data_variance) and facts.data_variance > 0:
         explained = 1.0 - facts.recon_loss / facts.data_variance
         if explained < 0.5:
@@ -302,12 +326,14 @@ __all__ = [
     "COLLAPSE_USAGE",
     "CollisionStats",
     "LayerStats",
+    "MIN_PERPLEXITY_SHARE",
     "PurityLevel",
     "TrainingFacts",
     "collision_stats",
     "diagnose",
     "layer_counts",
     "layer_stats",
+    "low_perplexity_warnings",
     "perplexity",
     "prefix_purity",
     "row_keys",

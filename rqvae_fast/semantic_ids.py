@@ -121,10 +121,11 @@ def _tensor_blocks(blocks, pin: bool):
 @torch.no_grad()
 def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, device=None,
                   drop_nonfinite: bool = False, progress: bool = True,
-                  rows: Optional[Tuple[int, int]] = None) -> EncodedIDs:
+                  rows: Optional[Tuple[int, int]] = None, beam_size: int = 1) -> EncodedIDs:
     """Codes ``(M, L)`` int64 of every row of ``source``, reading ``batch_size`` rows at a time.
 
-    ``rows=(start, stop)`` encodes only those rows (one rank's shard, see :func:`shard_rows`);
+    ``beam_size > 1`` encodes by beam search (RQ-KMeans models only, see
+    :func:`rqvae_fast.beam.beam_encode`). ``rows=(start, stop)`` encodes only those rows (one rank's shard, see :func:`shard_rows`);
     item ids and dropped row numbers stay those of the whole file.
 
     ``model`` is an :class:`~rqvae_fast.RQVAE` or :class:`~rqvae_fast.kmeans.RQKMeans` (anything
@@ -159,7 +160,8 @@ def encode_source(model, source: EmbeddingSource, *, batch_size: int = 65536, de
         blocks = _range_blocks(source, batch_size, lo, hi)
     for start, block in _prefetch(_tensor_blocks(blocks, device.type == "cuda")):
         x = block.to(device, non_blocking=True)
-        ids = model.get_semantic_ids(x)
+        ids = model.get_semantic_ids(x, beam_size=beam_size) if beam_size > 1 else \
+            model.get_semantic_ids(x)
         # NaN/Inf inputs (checked on the device) and latents the quantizer could not use (-1)
         unusable = ~torch.isfinite(x).all(dim=1) | (ids < 0).any(dim=1)
         codes[start:start + x.shape[0]] = ids.cpu().numpy()

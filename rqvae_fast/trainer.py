@@ -314,6 +314,7 @@ class Trainer:
             record["seconds"] = round(time.perf_counter() - started, 3)
             facts = TrainingFacts(
                 layer_usage=[record[f"usage_l{i}"] for i in range(len(sizes))],
+                layer_perplexity=[record[f"perplexity_l{i}"] for i in range(len(sizes))],
                 codebook_sizes=sizes, lr=cfg.learning_rate, optimizer=cfg.optimizer,
                 commitment_cost=float(model.commitment_cost), num_train_items=int(train_rows.numel()),
                 recon_loss=record["train_recon"], vq_loss=record["train_vq"], data_variance=data_var,

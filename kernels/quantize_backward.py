@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .config import input_grad_constexprs, input_grad_tiles
 from .quantize_forward import device_arch
-from .tiles import chunk_tile
+from .tiles import chosen_codes, chunk_tile
 from .traceable import traceable
 
 
@@ -47,12 +47,9 @@ def _residual_quantize_input_grad_kernel(
     residual = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     direction = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for layer in range(COMMIT_LAYERS):
-        k_start = tl.load(layer_start_ptr + layer)
-        local = tl.load(idx_ptr + rows * NUM_LAYERS + layer, mask=row_in, other=0)
-        ok = local >= 0
-        code = tl.load(codes_ptr + (local + k_start)[:, None] * D + dims[None, :],
-                       mask=ok[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
-        residual = residual - tl.where(ok[:, None], code, float("nan"))
+        code = chosen_codes(codes_ptr, layer_start_ptr, idx_ptr, layer, rows, dims, row_in, dim_in, D,
+                            NUM_LAYERS)
+        residual = residual - code
         direction += tl.load(coef_ptr + layer) * residual  # r_l - e_l: layer l's commitment direction
 
     grad = direction

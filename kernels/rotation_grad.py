@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import row_tile
+from .tiles import chosen_codes, row_tile
 from .traceable import traceable
 
 
@@ -42,12 +42,8 @@ def _rotation_input_grad_kernel(
         g = tl.load(grad_out_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for layer in range(NUM_LAYERS):
-        k_start = tl.load(layer_start_ptr + layer)
-        local = tl.load(idx_ptr + rows * NUM_LAYERS + layer, mask=row_in, other=0)
-        ok = local >= 0
-        code = tl.load(codes_ptr + (local + k_start)[:, None] * D + dims[None, :],
-                       mask=ok[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
-        code = tl.where(ok[:, None], code, float("nan"))
+        code = chosen_codes(codes_ptr, layer_start_ptr, idx_ptr, layer, rows, dims, row_in, dim_in, D,
+                            NUM_LAYERS)
         if HAS_GRAD_OUT:
             r_norm = tl.maximum(tl.sqrt(tl.sum(residual * residual, axis=1)), EPS)
             e_norm = tl.sqrt(tl.sum(code * code, axis=1))

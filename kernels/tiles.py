@@ -24,3 +24,16 @@ def row_tile(pid, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     dims = tl.arange(0, BLOCK_D)
     row_in, dim_in, offsets, mask = chunk_tile(rows, dims, N, D)
     return rows, dims, row_in, dim_in, offsets, mask
+
+
+@triton.jit
+def chosen_codes(codes_ptr, layer_start_ptr, idx_ptr, layer, rows, dims, row_in, dim_in, D,
+                 NUM_LAYERS: tl.constexpr):
+    """``(len(rows), len(dims))`` fp32: columns ``dims`` of the code each row chose at ``layer``,
+    read through the saved layer-local indices ``idx (N, NUM_LAYERS)``; NaN for rows marked -1."""
+    k_start = tl.load(layer_start_ptr + layer)
+    local = tl.load(idx_ptr + rows * NUM_LAYERS + layer, mask=row_in, other=0)
+    ok = local >= 0
+    code = tl.load(codes_ptr + (local + k_start)[:, None] * D + dims[None, :],
+                   mask=ok[:, None] & dim_in[None, :], other=0.0).to(tl.float32)
+    return tl.where(ok[:, None], code, float("nan"))

@@ -222,7 +222,7 @@ class TrainingFacts:
     dead_code_reset: bool = True
     ema: bool = False
     settled: bool = True  # False in the first epochs: only divergence is reported then
-    final: bool = True  # the run's last epoch: the reconstruction is judged only then
+    final: bool = True  # the run's last epoch: reconstruction and layer skew are judged only then
     layer_perplexity: Sequence[float] = ()  # per layer; empty: no perplexity check
 
 
@@ -271,7 +271,7 @@ def diagnose(facts: TrainingFacts, collapse_usage: float = COLLAPSE_USAGE) -> Li
         warnings.append(f"codebook collapse in layer {layer}: {share:.0%} of {size} codes used; "
                         f"likely cause: {_collapse_cause(facts, size)}")
     collapsed = {layer for layer, share in enumerate(facts.layer_usage) if share < collapse_usage}
-    if facts.layer_perplexity:
+    if facts.layer_perplexity and facts.final:  # early skew is routinely mended by dead-code resets
         warnings += low_perplexity_warnings(facts.layer_perplexity, facts.codebook_sizes,
                                             facts.num_train_items, skip=sorted(collapsed))
     if facts.final and math.isfinite(facts.data_variance) and facts.data_variance > 0:

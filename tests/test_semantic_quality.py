@@ -208,6 +208,9 @@ def test_perplexity_warning_for_both_methods():
     assert any(w.startswith("codebook collapse in layer 1") for w in warnings)
     assert any(w.startswith("skewed layer 2") for w in warnings)
     assert not any(w.startswith("skewed layer 1") for w in warnings)  # said once, as collapse
+    mid_run = TrainingFacts([0.9, 0.5, 0.9], [256] * 3, 1e-3, "adamw", 0.25, 10_000, 0.1, 0.1,
+                            layer_perplexity=[200.0, 2.0, 20.0], final=False)
+    assert not any(w.startswith("skewed layer") for w in diagnose(mid_run))  # judged at the end
 
 
 def test_read_safetensors(tmp_path):

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional
 
+import triton
+
+_TRITON_RELEASE = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
 KERNELS = ("forward", "input_grad")
 ARCHS = ("sm80", "sm90")
 DOT_MIN_WIDTH = 16
@@ -82,9 +86,9 @@ def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     """
     _check(dim, arch)
     if precision in ("ieee", "exact"):
-        width = chunk_width(dim, 32 if arch == "sm90" else 16)
+        width = chunk_width(dim, _IEEE_WIDEST.get((arch, padded_dim(dim)), 32 if arch == "sm90" else 16))
         chunks = padded_dim(dim) // width
-        warps = _EXACT_WARPS.get((arch, padded_dim(dim)), _warps(arch, chunks))
+        warps = _WARPS.get((arch, "ieee", padded_dim(dim)), _warps(arch, chunks))
         return TileConfig(block_m=64, block_k=16, block_dc=width, num_chunks=chunks, num_warps=warps,
                           num_stages=2 if chunks == 1 and arch == "sm90" else 1,
                           max_registers=MAX_REGISTERS)
@@ -93,12 +97,17 @@ def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     width = chunk_width(dim, 64 if arch == "sm90" else 32)
     chunks = padded_dim(dim) // width
     return TileConfig(block_m=64, block_k=64, block_dc=width, num_chunks=chunks,
-                      num_warps=_warps(arch, chunks), num_stages=2 if chunks == 1 else 1,
+                      num_warps=_WARPS.get((arch, precision, padded_dim(dim)), _warps(arch, chunks)),
+                      num_stages=2 if chunks == 1 else 1,
                       max_registers=MAX_REGISTERS)
 
 
-# Exceptions found by the compile report: sm_80's exact search at D 256 spills 4 B at 8 warps.
-_EXACT_WARPS = {("sm80", 256): 4}
+# Exceptions found by the compile report, (arch, precision, padded D) -> warps ("ieee" covers "exact":
+# same tiles). Each spilled 4 B at 8 warps and compiles clean at 4 with Triton 3.8 (torch 2.14.1's) and 3.9.
+_WARPS = {("sm80", "ieee", 64): 4, ("sm80", "ieee", 256): 4, ("sm80", "bf16", 192): 4}
+# ptxas differs between releases: sm_80's exact search at D 192 spills with 16-column chunks under
+# Triton 3.8 and with 32-column chunks under 3.9, so the widest chunk there depends on the release.
+_IEEE_WIDEST = {("sm80", 192): 32} if _TRITON_RELEASE < (3, 9) else {}
 
 
 def _warps(arch: str, chunks: int) -> int:

@@ -11,7 +11,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from .cpu_pool import run_chunks
+
 CHUNK_ELEMENTS = 1 << 22  # rows x codes scored at a time (16 MiB of fp32 scores)
+CPU_CHUNK_ELEMENTS = 1 << 18  # on CPU: 1 MiB of scores per chunk, one worker thread each
+SUM_CHUNK_ELEMENTS = 1 << 20  # k-means on CPU: 4 MiB of scores per chunk (fewer partial sums)
 
 
 def chunk_rows(num_codes: int, elements: int = CHUNK_ELEMENTS) -> int:
@@ -35,41 +39,97 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tenso
     """``(codes (N,) int64, sq_dist (N,) fp32)``: per row of ``x (N, D)`` the code minimising
     ``||x - c_k||^2 + bias_k`` over ``centroids (K, D)`` (``bias (K,)``, default 0; ties to the
     lowest code) and that row's squared distance to it (without the bias). ``row_sq (N,)`` may
-    pass precomputed ``||x||^2`` (k-means iterations reuse it)."""
+    pass precomputed ``||x||^2`` (k-means iterations reuse it).
+
+    On CPU, chunks of :data:`CPU_CHUNK_ELEMENTS` scores (they stay in a core's L2 cache between
+    ``addmm`` and ``min``) run on the worker pool of :mod:`rqvae_fast.cpu_pool`, one thread per
+    chunk: 1.2x (D 768) to 2.5x (D 4-9) faster than bigger chunks on all threads."""
     n = x.shape[0]
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     offset = centroids.pow(2).sum(dim=1)
     if bias is not None:
         offset = offset + bias
-    step = chunk_rows(centroids.shape[0])
-    for lo in range(0, n, step):
-        rows = x[lo:lo + step]
-        scores = torch.addmm(offset[None, :], rows, centroids.t(), alpha=-2.0)
+    if row_sq is None:
+        row_sq = x.pow(2).sum(dim=1)
+    on_cpu = x.device.type == "cpu"
+    step = chunk_rows(centroids.shape[0], CPU_CHUNK_ELEMENTS if on_cpu else CHUNK_ELEMENTS)
+    if on_cpu:
+        step = max(step, 64)
+    codes_t = centroids.t()
+
+    def score_chunk(index: int) -> None:
+        lo = index * step
+        scores = torch.addmm(offset[None, :], x[lo:lo + step], codes_t, alpha=-2.0)
         best, idx = scores.min(dim=1)
         if bias is not None:
             best = best - bias.index_select(0, idx)
         codes[lo:lo + step] = idx
-        norms = rows.pow(2).sum(dim=1) if row_sq is None else row_sq[lo:lo + step]
-        dist[lo:lo + step] = (best + norms).clamp_min_(0.0)
+        torch.add(best, row_sq[lo:lo + step], out=dist[lo:lo + step]).clamp_min_(0.0)
+
+    run_chunks((n + step - 1) // step, score_chunk, device=x.device)
     return codes, dist
+
+
+@torch.no_grad()
+def assign_and_sum(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   row_sq: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One k-means assignment of ``x (N, D)`` to ``centroids (K, D)`` with its statistics:
+    ``(codes (N,) int64, sq_dist (N,) fp32, counts (K,) fp32, sums (K, D) fp32)``, as
+    :func:`nearest` then :func:`code_sums`, in one pass over the rows.
+
+    On CPU each chunk of rows is scored, assigned and summed into its own ``(K, D)`` partial sum
+    on one worker thread of :mod:`rqvae_fast.cpu_pool` (no per-op barrier, so a busy machine does
+    not stall it); the partials are added in chunk order, so the result does not depend on the
+    number of workers. Elsewhere: :func:`nearest` + :func:`code_sums`."""
+    num_codes = centroids.shape[0]
+    if x.device.type != "cpu":
+        codes, dist = nearest(x, centroids, bias, row_sq)
+        counts, sums = code_sums(x, codes, num_codes)
+        return codes, dist, counts, sums
+    n = x.shape[0]
+    codes = torch.empty(n, dtype=torch.int64)
+    dist = torch.empty(n, dtype=torch.float32)
+    offset = centroids.pow(2).sum(dim=1)
+    if bias is not None:
+        offset = offset + bias
+    if row_sq is None:
+        row_sq = x.pow(2).sum(dim=1)
+    step = max(64, chunk_rows(num_codes, SUM_CHUNK_ELEMENTS))
+    count = (n + step - 1) // step
+    partials = [None] * count
+    codes_t = centroids.t()
+
+    def chunk(index: int) -> None:
+        lo = index * step
+        rows = x[lo:lo + step]
+        scores = torch.addmm(offset[None, :], rows, codes_t, alpha=-2.0)
+        best, idx = scores.min(dim=1)
+        if bias is not None:
+            best = best - bias.index_select(0, idx)
+        codes[lo:lo + step] = idx
+        torch.add(best, row_sq[lo:lo + step], out=dist[lo:lo + step]).clamp_min_(0.0)
+        partial = torch.zeros((num_codes, x.shape[1]), dtype=torch.float32)
+        partials[index] = partial.index_add_(0, idx, rows)
+
+    run_chunks(count, chunk, device=x.device)
+    sums = torch.zeros((num_codes, x.shape[1]), dtype=torch.float32)
+    for partial in partials:
+        sums += partial
+    counts = torch.bincount(codes, minlength=num_codes).to(torch.float32)
+    return codes, dist, counts, sums
 
 
 def code_sums(x: torch.Tensor, codes: torch.Tensor, num_codes: int
               ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(counts (K,) fp32, sums (K, D) fp32)`` of the rows of ``x (N, D)`` per code ``codes (N,)``.
-
-    On CPU the rows are sorted by code and summed per segment (``index_add_`` with many repeated
-    indices is several times slower there); elsewhere ``index_add_``."""
+    """``(counts (K,) fp32, sums (K, D) fp32)`` of the rows of ``x (N, D)`` per code ``codes (N,)``
+    (``index_add_``: on CPU it adds the rows in order, ~10 ms for 50,000 x 768 on 2 cores, ten
+    times faster than sorting the rows and summing segments)."""
     counts = torch.bincount(codes, minlength=num_codes)
-    if x.device.type == "cpu" and x.shape[0] > 0 and hasattr(torch, "segment_reduce"):
-        order = torch.argsort(codes)
-        sums = torch.segment_reduce(x.index_select(0, order), "sum", lengths=counts, axis=0)
-        sums = torch.nan_to_num(sums, nan=0.0)  # empty segments are 0 (not NaN) by contract
-    else:
-        sums = torch.zeros((num_codes, x.shape[1]), dtype=x.dtype, device=x.device)
-        sums.index_add_(0, codes, x)
+    sums = torch.zeros((num_codes, x.shape[1]), dtype=x.dtype, device=x.device)
+    sums.index_add_(0, codes, x)
     return counts.to(torch.float32), sums
 
 
-__all__ = ["CHUNK_ELEMENTS", "chunk_rows", "code_sums", "nearest", "sq_distances"]
+__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "SUM_CHUNK_ELEMENTS", "assign_and_sum", "chunk_rows", "code_sums", "nearest", "sq_distances"]

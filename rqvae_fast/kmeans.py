@@ -15,18 +15,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .assign import code_sums, nearest
+from .assign import assign_and_sum, code_sums, nearest
 from .functional import residual_quantize
 from .modules import ResidualVQ
 
 METHODS = ("auto", "progressive", "fused", "sklearn")
-PROGRESSIVE_STEPS = 5  # k-means in 5 growing numbers of principal dimensions (FAISS uses 10)
+PROGRESSIVE_STEPS = 10  # k-means in 10 growing numbers of principal dimensions (as FAISS)
 PROGRESSIVE_ITERS = 10  # Lloyd iterations per step
-MIN_FIRST_WIDTH = 4  # the first step sees at least 4 principal dimensions (1-d merges clusters)
+MIN_FIRST_WIDTH = 1  # the first step sees at least this many principal dimensions
+SEEDING = "auto"  # seeds of the progressive k-means: "auto", "random" (as FAISS) or "kmeans++"
+KMEANS_PP_BELOW = 64  # "auto" seeding: k-means++ below this many codes, random rows from it on
+KMEANS_PP_FIRST_WIDTH = 4  # with k-means++ seeds the first step sees at least 4 dimensions
 KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draws from 8 rows/code
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
 BALANCE_STRENGTH = 0.3  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
+PCA_MAX_ROWS = 16384  # principal axes of the progressive k-means from at most this many rows
+FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_ITERS)
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
 
 
@@ -207,8 +212,7 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
             counts, sums = result.code_counts[0], result.code_sums[0]
             inertia_t = result.layer_losses[0] * points.shape[1]
         else:
-            codes, dist = nearest(points, centroids, bias, row_sq)
-            counts, sums = code_sums(points, codes, num_codes)
+            _, dist, counts, sums = assign_and_sum(points, centroids, bias, row_sq)
             inertia_t = dist.mean()
             if bias is not None:
                 excess = (counts * (num_codes / n) - 1.0).clamp(-1.0, 1.0)
@@ -222,17 +226,18 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
 
 
 def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
-    """``(D, D)`` fp32 orthonormal axes of ``centred (n, D)``, by decreasing variance."""
-    cov = centred.double().t() @ centred.double()
+    """``(D, D)`` fp32 orthonormal axes of ``centred (n, D)``, by decreasing variance (fp32
+    scatter matrix, fp64 eigendecomposition)."""
+    cov = (centred.t() @ centred).double()
     _, vectors = torch.linalg.eigh(cov)
     return vectors.flip(1).float().contiguous()
 
 
-def progressive_dims(dim: int, steps: int) -> List[int]:
+def progressive_dims(dim: int, steps: int, first: int = MIN_FIRST_WIDTH) -> List[int]:
     """Growing widths ``int(dim ** (s / steps))`` for ``s = 1..steps``, at least
-    ``min(dim, MIN_FIRST_WIDTH)``, deduplicated, ending at ``dim`` (256, 5 steps -> 4, 9, 27, 84,
-    256)."""
-    first = min(dim, MIN_FIRST_WIDTH)
+    ``min(dim, first)``, deduplicated, ending at ``dim`` (FAISS's widths: 256, 10 steps -> 1, 3,
+    5, 9, 16, 27, 48, 84, 147, 256)."""
+    first = min(dim, first)
     widths = [max(first, int(dim ** ((s + 1) / max(1, steps)))) for s in range(max(1, steps))]
     widths[-1] = dim
     return sorted(set(widths))
@@ -242,14 +247,16 @@ def progressive_dims(dim: int, steps: int) -> List[int]:
 def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGRESSIVE_ITERS,
                        steps: int = PROGRESSIVE_STEPS, seed: Optional[int] = None,
                        max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
-                       balanced: bool = False, seeding: str = "kmeans++", backend: str = "auto",
+                       balanced: bool = False, seeding: str = SEEDING, backend: str = "auto",
                        precision: Optional[str] = None) -> KMeansResult:
     """k-means of ``data (N, D)`` in progressively more principal dimensions (the default).
 
     As FAISS's residual quantizer trains each layer: at most ``max_points_per_centroid *
-    num_codes`` random rows; centred and rotated onto their principal axes; seeded by k-means++
-    in the first step's few principal dimensions (``seeding="random"``: random distinct rows, as
-    FAISS; k-means++ in all dimensions would pick noise outliers that stay singletons); ``iters`` Lloyd
+    num_codes`` random rows; centred and rotated onto their principal axes; seeded
+    (``seeding="auto"``) by random distinct rows as FAISS from :data:`KMEANS_PP_BELOW` codes on
+    (seeds follow the density, so codes share the rows evenly: the semantic-ID case) and by
+    k-means++ in the first step's principal dimensions below it (few codes must not miss a
+    well-separated cluster); ``"random"`` / ``"kmeans++"`` force one; ``iters`` Lloyd
     iterations on the first :func:`progressive_dims` dimensions, each step warm-started from the
     previous centroids padded with zeros; empty codes split a populated cluster
     (:func:`split_empty`). The coarse steps fix a partition along the directions of largest
@@ -269,27 +276,44 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         pick = torch.randperm(n, generator=gen, device=points.device)
         points = points.index_select(0, pick[: max_points_per_centroid * num_codes])
     mean = points.mean(dim=0)
-    axes = _principal_axes(points - mean)
-    rotated = (points - mean) @ axes
-    widths = progressive_dims(dim, steps)
-    if seeding not in ("kmeans++", "random"):
-        raise ValueError(f"seeding must be 'kmeans++' or 'random', got {seeding!r}")
+    centred = points - mean
+    # The axes only order the coarse steps: a sample of rows estimates them well enough.
+    pca_rows = centred if centred.shape[0] <= PCA_MAX_ROWS else centred.index_select(
+        0, torch.randperm(centred.shape[0], generator=gen, device=centred.device)[:PCA_MAX_ROWS])
+    axes = _principal_axes(pca_rows)
+    if seeding not in ("auto", "kmeans++", "random"):
+        raise ValueError(f"seeding must be 'auto', 'kmeans++' or 'random', got {seeding!r}")
+    if seeding == "auto":
+        seeding = "kmeans++" if num_codes < KMEANS_PP_BELOW else "random"
+    # k-means++ seeds in fewer than 4 dimensions would land between clusters that overlap there
+    widths = progressive_dims(dim, steps, KMEANS_PP_FIRST_WIDTH if seeding == "kmeans++" else
+                              MIN_FIRST_WIDTH)
+    # Only the partial-width steps need rotated rows; the full-width step runs on the centred
+    # rows themselves (distances do not change under a rotation) with the centroids rotated back.
+    partial = widths[-2] if len(widths) > 1 else widths[0]
+    rotated = centred @ axes[:, :partial]
     if seeding == "kmeans++":  # in the first step's few principal dimensions
         centroids = kmeans_plusplus(rotated[:, : widths[0]].contiguous(), num_codes, gen,
                                     KMEANS_PP_ROWS_PER_CODE * num_codes)
     else:
         seeds = torch.randperm(points.shape[0], generator=gen, device=points.device)[:num_codes]
         centroids = rotated.index_select(0, seeds)[:, : widths[0]]
-    counts, inertia = torch.zeros(num_codes, device=points.device), 0.0
+    counts, inertia, done = torch.zeros(num_codes, device=points.device), 0.0, 0
     for step, width in enumerate(widths):
         if centroids.shape[1] < width:
             pad = centroids.new_zeros(num_codes, width - centroids.shape[1])
             centroids = torch.cat([centroids, pad], dim=1)
-        centroids, counts, inertia = _lloyd(rotated[:, :width].contiguous(), centroids, iters, gen,
-                                            balanced, backend, precision)
-    centroids = (centroids @ axes.t() + mean).contiguous()
+        final = step == len(widths) - 1
+        if final:  # back to the input axes
+            centroids = (centroids @ axes.t()).contiguous()
+        rows = centred if final else rotated[:, :width].contiguous()
+        step_iters = FINAL_STEP_ITERS if (final and FINAL_STEP_ITERS) else iters
+        centroids, counts, inertia = _lloyd(rows, centroids, step_iters, gen, balanced, backend,
+                                            precision)
+        done += step_iters
+    centroids = (centroids + mean).contiguous()
     counts = counts * (n / points.shape[0])
-    return KMeansResult(centroids, counts, inertia, iters * len(widths))
+    return KMeansResult(centroids, counts, inertia, done)
 
 
 class KMeansWarning(UserWarning):

@@ -54,3 +54,25 @@ def test_quick_run_without_faiss(tmp_path, monkeypatch, capsys):
     greedy = by_name["rqvae-fast RQ-KMeans (default, greedy)"]
     assert by_name["rqvae-fast RQ-KMeans, beam 4"]["rel_error"] <= greedy["rel_error"] + 1e-9
     assert "| method |" in capsys.readouterr().out
+
+
+def test_quality_columns_are_means_over_seeds():
+    runs = [{"rel_error": 0.5, "colliding_share": 0.1, "perplexity": [4.0, 2.0],
+             "coherence": [0.2, float("nan")]},
+            {"rel_error": 0.7, "colliding_share": 0.3, "perplexity": [6.0, 4.0],
+             "coherence": [0.4, 0.6]}]
+    mean = bench.mean_quality(runs)
+    assert mean["rel_error"] == pytest.approx(0.6) and mean["colliding_share"] == pytest.approx(0.2)
+    assert mean["perplexity"] == pytest.approx([5.0, 3.0])
+    assert mean["coherence"] == pytest.approx([0.3, 0.6])  # a seed without shared prefixes is left out
+
+
+def test_quick_run_with_two_seeds(tmp_path):
+    out = tmp_path / "report.json"
+    assert bench.main(["--quick", "--data", "synthetic", "--methods", "ours", "--seeds", "0,1",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())[0]
+    assert report["seeds"] == [0, 1]
+    row = report["rows"][0]
+    assert len(row["per_seed"]) == 2 and len(row["total_runs_s"]) == 2
+    assert row["rel_error"] == pytest.approx(np.mean([r["rel_error"] for r in row["per_seed"]]))

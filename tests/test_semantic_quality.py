@@ -53,9 +53,10 @@ def test_real_embeddings_deep_layers_are_not_skewed():
 
 
 def test_progressive_dims():
-    assert progressive_dims(256, 5) == [4, 9, 27, 84, 256]
-    assert progressive_dims(7, 5) == [4, 7]
-    assert progressive_dims(3, 5) == [3]
+    assert progressive_dims(256, 5) == [3, 9, 27, 84, 256]
+    assert progressive_dims(256, 10) == [1, 3, 5, 9, 16, 27, 48, 84, 147, 256]  # FAISS's widths
+    assert progressive_dims(7, 5) == [1, 2, 3, 4, 7]
+    assert progressive_dims(3, 5) == [1, 2, 3]
     assert progressive_dims(1, 5) == [1]
     assert progressive_dims(100, 1) == [100]
 

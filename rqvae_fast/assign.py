@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .cpu_pool import run_chunks
+from .torch_backend import min_and_first_argmin_
 
 CHUNK_ELEMENTS = 1 << 22  # rows x codes scored at a time (16 MiB of fp32 scores)
 CPU_CHUNK_ELEMENTS = 1 << 18  # on CPU: 1 MiB of scores per chunk, one worker thread each
@@ -57,11 +58,12 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tenso
     if on_cpu:
         step = max(step, 64)
     codes_t = centroids.t()
+    positions = torch.arange(centroids.shape[0], dtype=torch.float32, device=x.device)
 
     def score_chunk(index: int) -> None:
         lo = index * step
         scores = torch.addmm(offset[None, :], x[lo:lo + step], codes_t, alpha=-2.0)
-        best, idx = scores.min(dim=1)
+        best, idx = min_and_first_argmin_(scores, positions)
         if bias is not None:
             best = best - bias.index_select(0, idx)
         codes[lo:lo + step] = idx
@@ -100,12 +102,13 @@ def assign_and_sum(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torc
     count = (n + step - 1) // step
     partials = [None] * count
     codes_t = centroids.t()
+    positions = torch.arange(num_codes, dtype=torch.float32)
 
     def chunk(index: int) -> None:
         lo = index * step
         rows = x[lo:lo + step]
         scores = torch.addmm(offset[None, :], rows, codes_t, alpha=-2.0)
-        best, idx = scores.min(dim=1)
+        best, idx = min_and_first_argmin_(scores, positions)
         if bias is not None:
             best = best - bias.index_select(0, idx)
         codes[lo:lo + step] = idx

@@ -28,7 +28,7 @@ KMEANS_PP_BELOW = 64  # "auto" seeding: k-means++ below this many codes, random 
 KMEANS_PP_FIRST_WIDTH = 4  # with k-means++ seeds the first step sees at least 4 dimensions
 KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draws from 8 rows/code
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
-BALANCE_STRENGTH = 0.3  # size-penalty step of balanced k-means, in units of the mean distance
+BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
 PCA_MAX_ROWS = 16384  # principal axes of the progressive k-means from at most this many rows
 FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_ITERS)
@@ -220,6 +220,8 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
         updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)
         if bool((counts == 0).any()):
             updated, _ = split_empty(updated, counts, generator)
+            if bias is not None:  # a code split off a crowded one starts without a penalty
+                bias = torch.where(counts == 0, torch.zeros_like(bias), bias)
         centroids = updated
         inertia = inertia_t
     return centroids, counts, float(inertia)

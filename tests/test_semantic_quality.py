@@ -119,9 +119,9 @@ def test_balanced_kmeans_evens_out_cluster_sizes():
                          .astype(np.float32))
     sizes = []
     for balanced in (False, True):
-        result = progressive_kmeans(x, 8, seed=0, balanced=balanced)
+        result = progressive_kmeans(x, 16, seed=0, balanced=balanced)
         codes, _ = nearest(x, result.centroids)
-        sizes.append(np.bincount(codes.numpy(), minlength=8))
+        sizes.append(np.bincount(codes.numpy(), minlength=16))
     assert perplexity(sizes[1]) > perplexity(sizes[0])
 
 

@@ -35,7 +35,8 @@ def run_step(fn, x, books, *, loss_weights=None, **kwargs) -> Step:
     result = fn(x, books, **kwargs)
     g = torch.randn(result.quantized.shape, generator=torch.Generator().manual_seed(1))
     weights = torch.linspace(0.5, 2.0, len(books)) if loss_weights is None else loss_weights
-    objective = (result.quantized * g.to(x.device)).float().sum() + (result.layer_losses * weights).sum()
+    objective = ((result.quantized * g.to(x.device)).float().sum()
+                 + (result.layer_losses * weights.to(x.device)).sum())
     if objective.requires_grad:
         objective.backward()
     return Step(result, x.grad, [b.grad for b in books])
@@ -196,3 +197,26 @@ def test_compat_dropout_passes_every_codebook(monkeypatch):
         for layer, before in list(enumerate(embeds))[active:]:
             assert torch.equal(rvq.layers[layer]._codebook.embed, before)
     assert len({a for _, a in seen}) > 1  # several cutoffs, one codebook list
+
+
+@requires_triton
+@pytest.mark.parametrize("precision", ["exact", "tf32"])
+def test_reduced_precision_searches(poison, precision):
+    """The exact search (tf32 + rescans) gives the ieee indices with dropped layers too; tf32 picks
+    codes whose distance is within its tie tolerance of the nearest one."""
+    x, books = make_problem(130, 48, (33, 65, 20), seed=5, device=DEVICE)
+    got = residual_quantize(x, books, backend="triton", precision=precision, compute_stats=True,
+                            active_layers=2)
+    ieee = residual_quantize(x, books, backend="triton", precision="ieee", compute_stats=True,
+                             active_layers=2)
+    assert (got.indices[:, 2] == -1).all() and torch.count_nonzero(got.code_counts[2]) == 0
+    if precision == "exact":
+        assert torch.equal(got.indices, ieee.indices)
+        return
+    residual = x.double()
+    for layer in range(2):
+        dist = torch.cdist(residual, books[layer].double()) ** 2
+        chosen = dist.gather(1, got.indices[:, layer:layer + 1]).squeeze(1)
+        scale = 1.0 + (residual ** 2).sum(1)
+        assert torch.all(chosen - dist.min(dim=1).values <= 2e-2 * scale)
+        residual = residual - books[layer].double()[got.indices[:, layer]]

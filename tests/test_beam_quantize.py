@@ -26,7 +26,7 @@ def clustered(n=600, dim=12, seed=0):
         books.append(book)
         idx = torch.cdist(residual, book).argmin(dim=1)
         residual = residual - book[idx]
-    return x, books
+    return x.to(DEVICE), [b.to(DEVICE) for b in books]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,6 +5,9 @@ dL/dloss_l * 2 * beta / (N * D)`` read from device memory (no host sync). The se
 commitment term reach the input (``COMMIT_LAYERS = 1``); the standard RQ-VAE routing lets all of
 them (``COMMIT_LAYERS = L``). ``s`` is 1, or L for the per-layer straight-through routing. Residuals are rebuilt from the saved indices with the forward's own
 arithmetic (``r_{l+1} = r_l - e_l``), so nothing ``(N, L, D)``-sized is kept between the passes.
+Quantize dropout: only the first ``min(COMMIT_LAYERS, num_active)`` terms are summed, ``num_active``
+being a runtime argument (one compiled kernel for every cutoff); the launcher's ``s`` accounts for
+the active layers (see :func:`rqvae_fast.routing.grad_out_scale`).
 """
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ import triton
 import triton.language as tl
 
 from .config import input_grad_constexprs, input_grad_tiles
-from .quantize_forward import device_arch
+from .quantize_forward import check_active, device_arch
 from .tiles import chosen_codes, chunk_tile
 from .traceable import traceable
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_active"])
 def _residual_quantize_input_grad_kernel(
     grad_out_ptr,     # (N, D) gradient of the quantized output (any float dtype), if HAS_GRAD_OUT
     x_ptr,            # (N, D) forward input
@@ -32,6 +35,7 @@ def _residual_quantize_input_grad_kernel(
     grad_out_scale,   # fp32 multiplier of grad_out
     N,
     D,
+    num_active,       # runtime: layers >= num_active were dropped in the forward (no term)
     NUM_LAYERS: tl.constexpr,
     COMMIT_LAYERS: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
@@ -46,7 +50,7 @@ def _residual_quantize_input_grad_kernel(
 
     residual = tl.load(x_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     direction = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for layer in range(COMMIT_LAYERS):
+    for layer in range(tl.minimum(num_active, COMMIT_LAYERS)):
         code = chosen_codes(codes_ptr, layer_start_ptr, idx_ptr, layer, rows, dims, row_in, dim_in, D,
                             NUM_LAYERS)
         residual = residual - code
@@ -68,9 +72,12 @@ def residual_quantize_input_grad(
     *,
     commit_layers: int,
     grad_out_scale: float = 1.0,
+    active: Optional[int] = None,
 ) -> torch.Tensor:
-    """``(N, D)`` gradient of the input, in x's dtype; see the module docstring."""
+    """``(N, D)`` gradient of the input, in x's dtype; see the module docstring. ``active``: the
+    forward's number of active layers (``None``: all)."""
     n, dim = x.shape
+    num_active = check_active(active, indices.shape[1])
     tiles = input_grad_tiles(dim, device_arch(x.device))
     grad_x = torch.empty_like(x)
     if n > 0:
@@ -79,7 +86,7 @@ def residual_quantize_input_grad(
                                        has_grad_out=grad_out is not None)
         traceable(_residual_quantize_input_grad_kernel)[grid](
             grad_out if grad_out is not None else x, x, codes, layer_starts, indices, coef, grad_x,
-            float(grad_out_scale), n, dim, **consts, num_warps=tiles.num_warps,
+            float(grad_out_scale), n, dim, num_active, **consts, num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
         )
     return grad_x

@@ -14,6 +14,13 @@ chunk by chunk, with a barrier between the phases that write and read it.
 
 Rows holding NaN/Inf get index -1 and a NaN output, and stay out of the statistics.
 
+Quantize dropout: ``num_active`` is a runtime argument (not specialised, so every cutoff runs the
+same compiled kernel). The layer loop stops at ``num_active``: later layers do no search and no
+gather, their statistics stay untouched and the output is the sum of the active layers' codes.
+Their index columns (-1) and loss partial sums (0) are filled by the launcher with one strided
+fill each: writing them in the kernel, even in a loop of its own after the tiles, made sm_80's
+tightest configurations (bf16 at D 128, the exact search at D 192) spill.
+
 Statistics cost ``D + 1`` element atomics per row and layer (``D / 4`` ``red.v4.f32`` and one
 ``red.u32`` instructions). Aggregating per code inside a 64-row tile first (a one-hot dot) would
 save little: 64 rows hit ~57 distinct codes of 256 (~62 of 1024), so the atomics drop by ~11 %
@@ -25,7 +32,7 @@ deterministic mode (``rqvae_fast.sorted_stats``) avoids float atomics altogether
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -84,7 +91,7 @@ def _final_chunk(x_chunk, t, row_ok, ROUTING: tl.constexpr):
     return tl.where(row_ok[:, None], out, float("nan"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_active"])
 def _residual_quantize_fwd_kernel(
     x_ptr,            # (N, D) input rows, any float dtype
     codes_ptr,        # (K_total, D) all codebooks stacked, any float dtype (gathered)
@@ -100,6 +107,7 @@ def _residual_quantize_fwd_kernel(
     rescan_ptr,       # (L, 3) int32 rescan counters (written if EXACT)
     N,
     D,
+    num_active,       # runtime: layers [0, num_active) run, the rest are skipped (0 <= . <= L)
     NUM_LAYERS: tl.constexpr,
     ROUTING: tl.constexpr,        # 0 seed, 1 full, 2 layer_ste (see rqvae_fast.routing)
     WITH_STATS: tl.constexpr,
@@ -147,7 +155,7 @@ def _residual_quantize_fwd_kernel(
                 tl.store(tot_scratch + local + c * BLOCK_DC, t_regs)
             tl.debug_barrier()
 
-        for layer in range(NUM_LAYERS):
+        for layer in range(num_active):
             k_start = tl.load(layer_start_ptr + layer)
             k_end = tl.load(layer_start_ptr + layer + 1)
 
@@ -213,6 +221,15 @@ def _residual_quantize_fwd_kernel(
             tl.debug_barrier()  # the next tile overwrites the scratch
 
 
+def check_active(active: Optional[int], num_layers: int) -> int:
+    """``active`` as an int in ``[0, num_layers]`` (``None``: ``num_layers``); raises otherwise."""
+    if active is None:
+        return num_layers
+    if isinstance(active, bool) or not isinstance(active, int) or not 0 <= active <= num_layers:
+        raise ValueError(f"active layers must be an int in [0, {num_layers}], got {active!r}")
+    return active
+
+
 _sm_counts = {}
 
 
@@ -247,6 +264,7 @@ def residual_quantize_forward(
     precision: str,
     with_stats: bool,
     rescan_counts: bool = False,
+    active: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward.
 
@@ -258,9 +276,12 @@ def residual_quantize_forward(
     ``counts (K_total,)`` fp32, ``sums (K_total, D)`` fp32 (empty, ``(0,)`` and ``(0, D)``, when
     ``with_stats`` is false), and with ``rescan_counts`` a sixth ``(L, 3)`` int32 tensor: per layer
     the rows the exact mode flagged, the row tiles it rescanned and the code tiles it scored exactly.
+    ``active``: run only the first ``active`` layers (``0 <= active <= L``; ``None``: all); the
+    others get index -1, loss 0 and zero statistics. A runtime value: no recompilation per value.
     """
     n, dim = x.shape
     num_layers = len(layer_sizes)
+    num_active = check_active(active, num_layers)
     k_total = codes.shape[0]
     tiles = forward_tiles(dim, precision, device_arch(x.device))
     num_tiles = triton.cdiv(n, tiles.block_m)
@@ -278,8 +299,11 @@ def residual_quantize_forward(
                                     with_stats=with_stats, emulate=x.device.type == "cpu")
         traceable(_residual_quantize_fwd_kernel)[(programs,)](
             x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts,
-            sums, scratch, rescans, n, dim, **consts, **launch_options(tiles),
+            sums, scratch, rescans, n, dim, num_active, **consts, **launch_options(tiles),
         )
+    if num_active < num_layers:  # dropped layers: the kernel never touches their columns
+        indices[:, num_active:] = -1
+        sse_partial[:, num_active:] = 0.0
     if not with_stats:
         counts, sums = counts[:0], sums.new_empty((0, dim))
     out = (quantized, indices, sse_partial.sum(dim=0), counts.float(), sums)

@@ -181,7 +181,7 @@ _POINTER_TYPES = {
     "forward": {"layer_start_ptr": "*i32", "idx_ptr": "*i64", "count_ptr": "*i32", "rescan_ptr": "*i32"},
     "input_grad": {"layer_start_ptr": "*i32", "idx_ptr": "*i64"},
 }
-_SCALAR_TYPES = {"N": "i32", "D": "i32", "grad_out_scale": "fp32"}
+_SCALAR_TYPES = {"N": "i32", "D": "i32", "num_active": "i32", "grad_out_scale": "fp32"}
 
 
 def _source(fn, kernel: str, constexprs: Dict[str, object], dim: int):

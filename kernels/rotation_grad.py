@@ -14,11 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .quantize_forward import check_active
 from .tiles import chosen_codes, row_tile
 from .traceable import traceable
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_active"])
 def _rotation_input_grad_kernel(
     grad_out_ptr,     # (N, D) gradient of the quantized output, if HAS_GRAD_OUT
     x_ptr,            # (N, D) forward input
@@ -29,6 +30,7 @@ def _rotation_input_grad_kernel(
     grad_x_ptr,       # (N, D) output, dtype of x
     N,
     D,
+    num_active,       # runtime: only layers [0, num_active) ran in the forward (quantize dropout)
     EPS: tl.constexpr,
     NUM_LAYERS: tl.constexpr,
     HAS_GRAD_OUT: tl.constexpr,
@@ -41,7 +43,7 @@ def _rotation_input_grad_kernel(
     if HAS_GRAD_OUT:
         g = tl.load(grad_out_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for layer in range(NUM_LAYERS):
+    for layer in range(num_active):
         code = chosen_codes(codes_ptr, layer_start_ptr, idx_ptr, layer, rows, dims, row_in, dim_in, D,
                             NUM_LAYERS)
         if HAS_GRAD_OUT:
@@ -61,10 +63,12 @@ def _rotation_input_grad_kernel(
 
 def rotation_input_grad_triton(grad_out: Optional[torch.Tensor], x: torch.Tensor, codes: torch.Tensor,
                                layer_starts: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor,
-                               eps: float = 1e-6) -> torch.Tensor:
+                               eps: float = 1e-6, active: Optional[int] = None) -> torch.Tensor:
     """``(N, D)`` input gradient in x's dtype. ``x``, ``codes``, ``indices (N, L)`` contiguous;
-    ``layer_starts (L + 1,)`` int32 offsets of the layers in ``codes``; ``coef (L,)`` fp32."""
+    ``layer_starts (L + 1,)`` int32 offsets of the layers in ``codes``; ``coef (L,)`` fp32;
+    ``active``: the forward's number of active layers (``None``: all; the rest add nothing)."""
     n, dim = x.shape
+    num_active = check_active(active, indices.shape[1])
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = 32 if block_d <= 128 else 16
     grad_x = torch.empty_like(x)
@@ -72,7 +76,7 @@ def rotation_input_grad_triton(grad_out: Optional[torch.Tensor], x: torch.Tensor
         grid = (triton.cdiv(n, block_m),)
         traceable(_rotation_input_grad_kernel)[grid](
             grad_out.contiguous() if grad_out is not None else x, x, codes, layer_starts, indices,
-            coef.float().contiguous(), grad_x, n, dim, EPS=eps, NUM_LAYERS=indices.shape[1],
+            coef.float().contiguous(), grad_x, n, dim, num_active, EPS=eps, NUM_LAYERS=indices.shape[1],
             HAS_GRAD_OUT=grad_out is not None, BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=4 if block_d <= 128 else 8)
     return grad_x

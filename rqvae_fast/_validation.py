@@ -38,6 +38,18 @@ def check_inputs(x: torch.Tensor, codebooks: Sequence[torch.Tensor]) -> None:
                 "move them to one device")
 
 
+def check_active_layers(active_layers, num_layers: int) -> int:
+    """``active_layers`` (quantize dropout) as an int in ``[0, num_layers]``; ``None`` means all."""
+    if active_layers is None:
+        return num_layers
+    if isinstance(active_layers, bool) or not isinstance(active_layers, int):
+        raise TypeError(f"active_layers must be None or an int, got {type(active_layers).__name__}")
+    if not 0 <= active_layers <= num_layers:
+        raise ValueError(f"active_layers must be in [0, {num_layers}] (the number of codebooks), "
+                         f"got {active_layers}")
+    return active_layers
+
+
 def check_finite(x2d: torch.Tensor, what: str = "inputs") -> None:
     """Raise naming the first row of ``x2d (N, D)`` that holds NaN or Inf (synchronizes the device)."""
     bad = ~torch.isfinite(x2d).all(dim=1)

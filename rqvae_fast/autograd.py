@@ -12,6 +12,9 @@ reuses what the forward produced (``g_l`` = gradient of ``layer_losses[l]``):
   (:mod:`rqvae_fast.rotation`, chunked PyTorch; ``kernels/rotation_grad.py`` on the Triton path).
 - codebook: ``grad_e_k = g_l * 2 / (N D) * (count_k e_k - sum_k)`` from the forward's per-code
   counts and residual sums, when the loss holds codebook terms.
+
+Quantize dropout (``active < L``): the dropped layers' losses are 0 and their statistics zero, so
+their codebooks get a zero gradient; the input gradient sums the active layers' terms only.
 """
 from __future__ import annotations
 
@@ -27,11 +30,22 @@ class ResidualQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, layer_sizes: Tuple[int, ...],
                 commitment_cost: float, routing_mode: int, codebook_loss: bool, precision: str,
-                triton_path: bool, with_stats: bool, deterministic: bool):
-        """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks)."""
-        quantized, indices, sse, counts, sums = backend.fused_forward(
-            x, codes, list(layer_sizes), routing.forward_routing(routing_mode), precision, triton_path, with_stats,
-            deterministic)
+                triton_path: bool, with_stats: bool, deterministic: bool, active: int = -1,
+                beam_size: int = 1):
+        """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks); only the
+        first ``active`` layers run (``0 <= active <= L``, quantize dropout; ``-1``: all).
+        ``beam_size > 1``: beam-search codes (:mod:`rqvae_fast.beam_path`, not fused)."""
+        active = len(layer_sizes) if active < 0 else active
+        if beam_size > 1:
+            from .beam_path import beam_forward
+
+            quantized, indices, sse, counts, sums = beam_forward(
+                x, codes, list(layer_sizes), routing=routing.forward_routing(routing_mode),
+                beam_size=beam_size, with_stats=with_stats, active=active)
+        else:
+            quantized, indices, sse, counts, sums = backend.fused_forward(
+                x, codes, list(layer_sizes), routing.forward_routing(routing_mode), precision, triton_path,
+                with_stats, deterministic, active)
         n, dim = x.shape
         inv_count = 1.0 / (n * dim) if n > 0 else 0.0
         weight = commitment_cost + (1.0 if codebook_loss else 0.0)
@@ -44,6 +58,7 @@ class ResidualQuantizeFunction(torch.autograd.Function):
         ctx.codebook_loss = codebook_loss
         ctx.triton_path = triton_path
         ctx.inv_count = inv_count
+        ctx.active = active
         ctx.mark_non_differentiable(indices, counts, sums)
         return quantized, indices, layer_losses, counts, sums
 
@@ -60,18 +75,20 @@ class ResidualQuantizeFunction(torch.autograd.Function):
                 from .kernels.rotation_grad import rotation_input_grad_triton
 
                 grad_x = rotation_input_grad_triton(
-                    grad_quantized, x, codes, backend.layer_starts(list(layer_sizes), x), indices, coef)
+                    grad_quantized, x, codes, backend.layer_starts(list(layer_sizes), x), indices, coef,
+                    active=ctx.active)
             elif ctx.routing_mode == routing.ROTATION:  # chunked PyTorch pass
-                grad_x = rotation_input_grad(grad_quantized, x, codes, layer_sizes, indices, coef)
+                grad_x = rotation_input_grad(grad_quantized, x, codes, layer_sizes, indices, coef,
+                                             active=ctx.active)
             else:
                 grad_x = backend.fused_input_grad(
                     grad_quantized.contiguous(), x, codes, list(layer_sizes), indices, coef,
                     ctx.triton_path, routing.commit_layers(ctx.routing_mode, num_layers),
-                    routing.grad_out_scale(ctx.routing_mode, num_layers))
+                    routing.grad_out_scale(ctx.routing_mode, ctx.active), ctx.active)
         if ctx.needs_input_grad[1] and ctx.codebook_loss:
             if counts.shape[0] != codes.shape[0]:
                 raise RuntimeError("codebook gradient needs the forward's statistics (with_stats=True)")
             per_layer = grad_losses * (2.0 * ctx.inv_count)
             per_code = torch.cat([per_layer[l].expand(size) for l, size in enumerate(layer_sizes)])
             grad_codes = (per_code[:, None] * (counts[:, None] * codes.float() - sums)).to(codes.dtype)
-        return grad_x, grad_codes, None, None, None, None, None, None, None, None
+        return grad_x, grad_codes, None, None, None, None, None, None, None, None, None, None

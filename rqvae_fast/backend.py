@@ -93,39 +93,47 @@ def _use_triton_op(triton_path: bool) -> bool:
 
 
 def fused_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
-                  triton_path: bool, with_stats: bool, deterministic: bool
+                  triton_path: bool, with_stats: bool, deterministic: bool, active: int = -1
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the fused forward through the right registered op; see :func:`forward_body`."""
     if _use_triton_op(triton_path):
         return torch.ops.rqvae_fast.quantize_forward_triton(
-            x, codes, layer_sizes, routing, precision, with_stats, deterministic)
+            x, codes, layer_sizes, routing, precision, with_stats, deterministic, active)
     return quantize_forward(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
-                            deterministic)
+                            deterministic, active)
 
 
 def fused_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
                      indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
-                     grad_out_scale: float) -> Tensor:
+                     grad_out_scale: float, active: int = -1) -> Tensor:
     """Run the input-gradient pass through the right registered op; see :func:`input_grad_body`."""
     if _use_triton_op(triton_path):
         return torch.ops.rqvae_fast.quantize_input_grad_triton(
-            grad_out, x, codes, layer_sizes, indices, coef, commit_layers, grad_out_scale)
+            grad_out, x, codes, layer_sizes, indices, coef, commit_layers, grad_out_scale, active)
     return quantize_input_grad(grad_out, x, codes, layer_sizes, indices, coef, triton_path,
-                               commit_layers, grad_out_scale)
+                               commit_layers, grad_out_scale, active)
+
+
+def active_count(active: int, num_layers: int) -> int:
+    """The ops' ``active`` argument as a layer count: ``-1`` means all ``num_layers``."""
+    return num_layers if active < 0 else active
 
 
 def forward_body(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
-                 triton_path: bool, with_stats: bool, deterministic: bool
+                 triton_path: bool, with_stats: bool, deterministic: bool, active: int = -1
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused forward over all layers (the body of both registrations).
 
     x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous. Returns ``quantized (N, D)`` (x's
     dtype), ``indices (N, L)`` int64, ``sse (L,)`` fp32 (sum of squared code errors per layer),
     ``counts (K_total,)`` and ``sums (K_total, D)`` fp32 (``(0,)``/``(0, D)`` without stats).
+    ``active``: only the first ``active`` layers run (quantize dropout; ``-1``: all); the others
+    get index -1, sse 0 and zero statistics, and the residual passes through them.
     ``deterministic``: per-code sums without float atomics (bit-identical across runs; slower,
     see :mod:`rqvae_fast.sorted_stats`). Only the Triton path needs it: the PyTorch path's
     scatter-adds run sequentially on the CPU.
     """
+    active = active_count(active, len(layer_sizes))
     with torch.autocast(device_type=x.device.type, enabled=False):
         search_codes, sq_norms = search_operands(codes)
         if triton_path:
@@ -134,14 +142,16 @@ def forward_body(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int,
             sorted_stats = with_stats and deterministic
             out = residual_quantize_forward(
                 x, codes, search_codes, sq_norms, layer_starts(layer_sizes, x), layer_sizes,
-                routing=routing, precision=precision, with_stats=with_stats and not sorted_stats)
+                routing=routing, precision=precision, with_stats=with_stats and not sorted_stats,
+                active=active)
             if sorted_stats:
-                counts, sums = sorted_code_statistics(x, codes, layer_sizes, out[1], routing)
+                counts, sums = sorted_code_statistics(x, codes, layer_sizes, out[1], routing, active)
                 out = (out[0], out[1], out[2], counts, sums)
             return out
         return torch_backend.residual_quantize_forward(
             x, codes, search_codes, sq_norms, layer_sizes, routing=routing,
-            precision="ieee" if precision == "exact" else precision, with_stats=with_stats)
+            precision="ieee" if precision == "exact" else precision, with_stats=with_stats,
+            active=active)
 
 
 def search_operands(codes: Tensor) -> Tuple[Tensor, Tensor]:
@@ -156,16 +166,16 @@ def search_operands(codes: Tensor) -> Tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("rqvae_fast::quantize_forward", mutates_args=())
 def quantize_forward(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int, precision: str,
-                     triton_path: bool, with_stats: bool, deterministic: bool
+                     triton_path: bool, with_stats: bool, deterministic: bool, active: int = -1
                      ) -> typing.Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused forward as an opaque custom op; see :func:`forward_body`."""
     return forward_body(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
-                        deterministic)
+                        deterministic, active)
 
 
 @quantize_forward.register_fake
 def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_path, with_stats,
-                           deterministic):
+                           deterministic, active=-1):
     n, dim = x.shape
     k_total = codes.shape[0] if with_stats else 0
     return (
@@ -179,34 +189,36 @@ def _quantize_forward_fake(x, codes, layer_sizes, routing, precision, triton_pat
 
 def input_grad_body(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
                     indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
-                    grad_out_scale: float) -> Tensor:
+                    grad_out_scale: float, active: int = -1) -> Tensor:
     """``(N, D)`` input gradient rebuilt from the saved indices in one elementwise pass (the body
     of both registrations).
 
-    ``grad_out_scale * grad_out + sum_{l < commit_layers} coef[l] * (r_l - e_l)``; coef ``(L,)`` fp32.
+    ``grad_out_scale * grad_out + sum_{l < min(commit_layers, active)} coef[l] * (r_l - e_l)``;
+    coef ``(L,)`` fp32; ``active`` the forward's (``-1``: all layers).
     """
+    active = active_count(active, len(layer_sizes))
     with torch.autocast(device_type=x.device.type, enabled=False):
         if triton_path:
             from .kernels import residual_quantize_input_grad
 
             return residual_quantize_input_grad(
                 grad_out, x, codes, layer_starts(layer_sizes, x), indices, coef,
-                commit_layers=commit_layers, grad_out_scale=grad_out_scale)
+                commit_layers=commit_layers, grad_out_scale=grad_out_scale, active=active)
         return torch_backend.residual_quantize_input_grad(
-            grad_out, x, codes, layer_sizes, indices, coef, commit_layers=commit_layers,
+            grad_out, x, codes, layer_sizes, indices, coef, commit_layers=min(commit_layers, active),
             grad_out_scale=grad_out_scale)
 
 
 @torch.library.custom_op("rqvae_fast::quantize_input_grad", mutates_args=())
 def quantize_input_grad(grad_out: Optional[Tensor], x: Tensor, codes: Tensor, layer_sizes: List[int],
                         indices: Tensor, coef: Tensor, triton_path: bool, commit_layers: int,
-                        grad_out_scale: float) -> Tensor:
+                        grad_out_scale: float, active: int = -1) -> Tensor:
     """The input-gradient pass as an opaque custom op; see :func:`input_grad_body`."""
     return input_grad_body(grad_out, x, codes, layer_sizes, indices, coef, triton_path,
-                           commit_layers, grad_out_scale)
+                           commit_layers, grad_out_scale, active)
 
 
 @quantize_input_grad.register_fake
 def _quantize_input_grad_fake(grad_out, x, codes, layer_sizes, indices, coef, triton_path,
-                              commit_layers, grad_out_scale):
+                              commit_layers, grad_out_scale, active=-1):
     return torch.empty_like(x)

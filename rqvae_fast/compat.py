@@ -8,7 +8,9 @@
 Defaults are theirs, including the rotation trick (``rotation_trick=None``: on when
 ``codebook_dim > 1``). The defaults, ``rotation_trick=False``, learnable codebooks, masks, quantize
 dropout and shared codebooks without dead-code reset run all active layers in one fused pass
-(:func:`rqvae_fast.functional.residual_quantize` with ``grad_mode="rotation"`` or ``"layer_ste"``);
+(:func:`rqvae_fast.functional.residual_quantize` with ``grad_mode="rotation"`` or ``"layer_ste"``;
+quantize dropout passes every codebook and the cutoff as ``active_layers``, a runtime value of the
+kernel, so no cutoff compiles a kernel of its own);
 ``use_cosine_sim`` uses the fused search plus one chunked pass (:mod:`rqvae_fast.cosine`); beam
 search, Gumbel sampling, implicit neural codebooks, ``quant_grad_frac`` and shared codebooks with
 dead-code reset go layer by layer (:mod:`rqvae_fast.compat_layers`), as their code does.
@@ -521,13 +523,14 @@ class ResidualVQ(nn.Module):
         """``use_cosine_sim``: indices from the fused search (unit codes), losses, statistics and the
         input gradient from :class:`rqvae_fast.cosine.CosineQuantizeFunction`; then the EMA step."""
         layers = list(self.layers[:active])
-        books = [layer.codebook.detach() for layer in layers]
+        every_book = [layer.codebook.detach() for layer in self.layers]
+        books = every_book[:active]
         sizes = tuple(layer.codebook_size for layer in layers)
-        with torch.no_grad():
-            indices = residual_quantize(rows.detach(), books, 0.0, grad_mode="layer_ste",
+        with torch.no_grad():  # every codebook, the cutoff a runtime value (one kernel per Q)
+            indices = residual_quantize(rows.detach(), every_book, 0.0, grad_mode="layer_ste",
                                         codebook_loss=False, precision=self.precision,
                                         backend=self.backend, check_finite=self.check_finite,
-                                        compute_stats=False).indices
+                                        compute_stats=False, active_layers=active).indices[:, :active]
         codes = torch.cat(books)
         weight = self.commitment_weight
         if self.training:
@@ -578,10 +581,13 @@ class ResidualVQ(nn.Module):
         if self._needs_init:
             self._init_codebooks(rows, sync)
         layers = list(self.layers[:active])
-        books = [layer.codebook for layer in layers]
+        # Every codebook goes in whatever the cutoff (the kernel takes the number of active layers
+        # as a runtime value); the dropped ones detached, so they get no gradient (None, as theirs).
+        books = [layer.codebook if number < active else layer.codebook.detach()
+                 for number, layer in enumerate(self.layers)]
         grad_mode = "rotation" if self.rotation_trick else "layer_ste"
         options = dict(grad_mode=grad_mode, precision=self.precision, backend=self.backend,
-                       check_finite=self.check_finite)
+                       check_finite=self.check_finite, active_layers=active)
         update = self.training and not freeze_codebook and (
             self.ema_update or self.threshold_ema_dead_code > 0)
         if self.training:
@@ -601,13 +607,13 @@ class ResidualVQ(nn.Module):
             with torch.no_grad():
                 result = residual_quantize(rows.detach(), [b.detach() for b in books], 0.0,
                                            codebook_loss=False, compute_stats=False, **options)
-            losses = torch.zeros(active, dtype=torch.float32, device=rows.device)
+            losses = torch.zeros(self.num_quantizers, dtype=torch.float32, device=rows.device)
         quantized = result.quantized
         if (self.learnable_codebook and torch.is_grad_enabled()
                 and not (self.training and rows.requires_grad)):
             # no straight-through estimator (eval mode, or inputs without gradient): as theirs,
             # the output is the sum of the codes and passes its gradient to the codebooks
-            quantized = self._sum_codes(result.indices, books).to(rows.dtype)
+            quantized = self._sum_codes(result.indices[:, :active], books[:active]).to(rows.dtype)
         if update:
             self._update_codebooks(rows.detach(), result, sync, layers)
         if self.training and self.shared_codebook and self.ema_update:
@@ -616,12 +622,7 @@ class ResidualVQ(nn.Module):
             book = self.layers[0]._codebook
             with torch.no_grad():
                 ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps)
-        indices = result.indices
-        dropped = self.num_quantizers - active
-        if dropped:
-            indices = torch.cat((indices, indices.new_full((indices.shape[0], dropped), -1)), dim=1)
-            losses = torch.cat((losses, losses.new_zeros(dropped)))
-        return quantized, indices, losses
+        return quantized, result.indices, losses  # dropped layers: index -1, loss 0 (kernel)
 
     def _rows(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
         """Projected rows ``(n, codebook_dim)`` to quantize, the flat row mask, the lead shape."""
@@ -706,7 +707,7 @@ class ResidualVQ(nn.Module):
         synced), then dead codes."""
         before = ([layer.codebook.detach().clone() for layer in layers]
                   if self.threshold_ema_dead_code > 0 else None)
-        counts, sums = result.code_counts, result.code_sums
+        counts, sums = result.code_counts[:len(layers)], result.code_sums[:len(layers)]
         if sync:
             counts, sums = distributed.all_reduce_code_stats(counts, sums)
         if float(counts[0].sum()) == 0.0:

@@ -11,7 +11,7 @@ import torch
 
 from . import backend as _backend
 from ._validation import check_finite as _check_finite
-from ._validation import check_inputs
+from ._validation import check_active_layers, check_inputs
 from .autograd import ResidualQuantizeFunction
 from .precision import resolve_precision
 from .result import QuantizeResult
@@ -30,6 +30,8 @@ def residual_quantize(
     compute_stats: Optional[bool] = None,
     check_finite: bool = False,
     deterministic: Optional[bool] = None,
+    active_layers: Optional[int] = None,
+    beam_size: int = 1,
 ) -> QuantizeResult:
     """Quantize ``x (*, D)`` through codebooks ``(K_l, D)`` in one fused pass.
 
@@ -47,9 +49,24 @@ def residual_quantize(
       rows get index -1, a NaN output, a NaN loss, and stay out of the statistics.
     - ``deterministic``: bit-identical statistics and gradients across runs on a GPU (no float
       atomics; costs a sort per layer). ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
+    - ``active_layers``: quantize dropout, run only the first ``active_layers`` codebooks (an int in
+      ``[0, L]``; ``None``: all). The others do no work: their indices are -1, their
+      ``layer_losses`` 0, their statistics zero (so an EMA step leaves them alone) and their
+      codebooks get a zero gradient; the residual passes through them. ``0`` is allowed: every
+      index -1 and the output the zero vector (``"full"``: ``x + sg(0 - x)``). A runtime value
+      on the Triton path (one compiled kernel for every cutoff).
+    - ``beam_size``: ``1`` (default) is the greedy fused pass above. ``B > 1`` keeps the ``B`` paths
+      of lowest squared reconstruction error per row across layers
+      (:func:`rqvae_fast.beam.beam_encode`, chunked PyTorch, fp32 whatever ``precision``) and
+      returns those codes with their output, losses, statistics and gradients (same routing
+      semantics). **Not in the fused kernel**: the search and the forward values run in PyTorch
+      (the backward is the usual one); codebooks must be finite.
     Nothing passed in is modified.
     """
     check_inputs(x, codebooks)
+    active = check_active_layers(active_layers, len(codebooks))
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
     routing = routing_id(grad_mode)
     precision = resolve_precision(precision)
     triton_path = _backend.use_triton(backend, x.device)
@@ -71,7 +88,7 @@ def residual_quantize(
 
     quantized, indices, layer_losses, counts, sums = ResidualQuantizeFunction.apply(
         x2d, codes, layer_sizes, float(commitment_cost), routing, codebook_loss,
-        precision, triton_path, with_stats, _deterministic_enabled(deterministic))
+        precision, triton_path, with_stats, _deterministic_enabled(deterministic), active, beam_size)
     if with_stats:
         code_counts = tuple(counts.split(list(layer_sizes)))
         code_sums = tuple(sums.split(list(layer_sizes)))

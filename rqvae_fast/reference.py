@@ -11,6 +11,9 @@ code, ``sg`` stop-gradient, ``beta`` the commitment cost.
 - ``grad_mode="full"``: ``r_{l+1} = r_l - sg(e_l)``, output ``x + sg(sum_l e_l - x)``.
 - ``grad_mode="layer_ste"``: ``r_{l+1} = r_l - sg(e_l)``, output ``sum_l (r_l + sg(e_l - r_l))``.
 
+Quantize dropout (``active_layers=a``): layers ``l >= a`` are skipped: index -1, loss 0, zero
+statistics, and the residual and output pass through them unchanged.
+
 Loss per layer: ``mse(e_l, sg(r_l))`` (codebook term, dropped when ``codebook_loss=False``) plus
 ``beta * mse(r_l, sg(e_l))`` (commitment term). Rows holding NaN/Inf get index -1, a NaN output
 and NaN loss; they never enter the per-code statistics.
@@ -60,11 +63,13 @@ def residual_quantize_reference(
     codebook_loss: bool = True,
     precision: str | None = "ieee",
     indices: torch.Tensor | None = None,
+    active_layers: int | None = None,
 ) -> QuantizeResult:
     """Quantize ``x`` ``(*, D)`` through ``L`` codebooks ``(K_l, D)``; see the module docstring.
 
     ``indices (*, L)``, if given, replaces the nearest-code search (everything else is computed
     from that assignment): tests use it to check another path's values for the codes it chose.
+    ``active_layers``: only the first ``active_layers`` codebooks run (``None``: all).
     """
     if grad_mode not in ("seed", "full", "layer_ste"):
         raise ValueError(f"grad_mode must be 'seed', 'full' or 'layer_ste', got {grad_mode!r}")
@@ -79,8 +84,15 @@ def residual_quantize_reference(
     chosen_indices: List[torch.Tensor] = []
     layer_losses, counts, sums = [], [], []
     loss = inputs.new_zeros(())
+    active = len(codebooks) if active_layers is None else active_layers
     for layer, codebook in enumerate(codebooks):
         codebook = codebook.float()
+        if layer >= active:  # dropped: no search, no loss, no statistics, residual unchanged
+            chosen_indices.append(torch.full((inputs.shape[0],), -1, dtype=torch.long, device=x.device))
+            layer_losses.append(inputs.new_zeros(()))
+            counts.append(inputs.new_zeros(codebook.shape[0]))
+            sums.append(inputs.new_zeros(codebook.shape))
+            continue
         if forced is None:
             index = nearest_code(residual.detach(), codebook, precision)
         else:
@@ -112,6 +124,8 @@ def residual_quantize_reference(
 
     if grad_mode == "full":
         code_total = inputs + (code_total - inputs).detach()
+    if active == 0:  # no code was added: non-finite rows still get a NaN output (gradient unchanged)
+        code_total = code_total + torch.where(finite_row[:, None], 0.0, float("nan")).detach()
     return QuantizeResult(
         quantized=code_total.to(x.dtype).reshape(x.shape),
         indices=torch.stack(chosen_indices, dim=1).reshape(*lead_shape, len(chosen_indices)),

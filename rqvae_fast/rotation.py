@@ -14,7 +14,7 @@ processed in chunks and each layer's residual is rebuilt from the saved indices.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,18 +37,20 @@ def rotate_gradient(grad: torch.Tensor, residual: torch.Tensor, code: torch.Tens
 
 def rotation_input_grad(grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor,
                         layer_sizes: Sequence[int], indices: torch.Tensor, coef: torch.Tensor,
-                        chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                        chunk_rows: int = CHUNK_ROWS, active: Optional[int] = None) -> torch.Tensor:
     """Input gradient ``(N, D)`` (dtype of ``x``) of the rotation-trick routing.
 
     ``grad_out (N, D)`` gradient of the output (or None), ``x (N, D)`` the input, ``codes
     (K_total, D)`` the stacked codebooks, ``indices (N, L)`` int64 (``-1`` for non-finite rows),
-    ``coef (L,)`` fp32 the commitment coefficients (``g_l * 2 beta / (N D)``).
+    ``coef (L,)`` fp32 the commitment coefficients (``g_l * 2 beta / (N D)``). Only the first
+    ``active`` layers (``None``: all) ran in the forward and contribute.
     """
     n, dim = x.shape
     out = torch.empty((n, dim), dtype=torch.float32, device=x.device)
     starts = [0]
     for size in layer_sizes[:-1]:
         starts.append(starts[-1] + int(size))
+    starts = starts[:len(starts) if active is None else active]
     book = codes.detach().float()
     coef = coef.float()
     for begin in range(0, n, chunk_rows):

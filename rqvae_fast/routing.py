@@ -29,13 +29,20 @@ def routing_id(grad_mode: str) -> int:
 
 
 def commit_layers(routing: int, num_layers: int) -> int:
-    """How many layers' commitment terms reach the input."""
+    """How many layers' commitment terms reach the input (at most; quantize dropout runs only the
+    first ``active`` layers, so ``min(this, active)`` terms are summed)."""
     return 1 if routing == SEED else num_layers
 
 
-def grad_out_scale(routing: int, num_layers: int) -> float:
-    """d output / d input, as a multiple of the identity."""
-    return float(num_layers) if routing == LAYER_STE else 1.0
+def grad_out_scale(routing: int, num_active: int) -> float:
+    """d output / d input, as a multiple of the identity, with ``num_active`` layers run: one
+    straight-through term per active layer for ``layer_ste``; ``seed``'s output is constant when no
+    layer runs; ``full``'s is ``x + sg(total - x)`` whatever the number of layers."""
+    if routing == LAYER_STE:
+        return float(num_active)
+    if routing == SEED:
+        return 1.0 if num_active > 0 else 0.0
+    return 1.0
 
 
 def forward_routing(routing: int) -> int:

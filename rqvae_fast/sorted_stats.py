@@ -8,7 +8,7 @@ a sort per layer and the float64 scan.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -16,18 +16,28 @@ from .routing import SEED
 
 
 def sorted_code_statistics(x: torch.Tensor, codes: torch.Tensor, layer_sizes: Sequence[int],
-                           indices: torch.Tensor, routing: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                           indices: torch.Tensor, routing: int, active: Optional[int] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``counts (K_total,)`` fp32 and ``sums (K_total, D)`` fp32 of the residuals each code took.
 
     x ``(N, D)``, codes ``(K_total, D)`` stacked, indices ``(N, L)`` int64 layer-local (-1 for
-    non-finite rows); residuals are rebuilt with the forward kernel's own arithmetic.
+    non-finite rows); residuals are rebuilt with the forward kernel's own arithmetic. Only the
+    first ``active`` layers (``None``: all) have statistics; the others' are zero.
     """
     codes32 = codes.float()
-    finite = indices[:, 0] >= 0 if indices.shape[0] else torch.zeros(0, dtype=torch.bool, device=x.device)
+    num_active = len(layer_sizes) if active is None else active
+    if num_active == 0 or indices.shape[0] == 0:
+        return (torch.zeros(codes.shape[0], dtype=torch.float32, device=x.device),
+                torch.zeros(codes.shape, dtype=torch.float32, device=x.device))
+    finite = indices[:, 0] >= 0
     residual = torch.where(finite[:, None], x.float(), 0.0)
     counts, sums = [], []
     start = 0
     for layer, size in enumerate(layer_sizes):
+        if layer >= num_active:
+            counts.append(torch.zeros(size, dtype=torch.float32, device=x.device))
+            sums.append(torch.zeros((size, x.shape[1]), dtype=torch.float32, device=x.device))
+            continue
         local = indices[:, layer]
         key = torch.where(finite, local, size)  # non-finite rows sort into a trailing bucket
         order = torch.argsort(key, stable=True)

@@ -129,8 +129,11 @@ class _InOrderSums:
 
 
 def _forward_chunk(x_chunk: torch.Tensor, layers: Sequence[_Layer], *, routing: int, bf16: bool,
-                   with_stats: bool) -> Tuple[torch.Tensor, torch.Tensor, _ChunkSums]:
-    """One chunk through all layers: ``(output (rows, D) fp32, indices (rows, L) int64, sums)``."""
+                   with_stats: bool, num_layers: int, given: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, _ChunkSums]:
+    """One chunk through the active ``layers`` (the first of ``num_layers``): ``(output (rows, D)
+    fp32, indices (rows, num_layers) int64, sums)``; dropped layers get index -1 and sse 0.
+    ``given (rows, >= len(layers))`` int64: use these codes instead of searching (finite rows)."""
     rows = x_chunk.shape[0]
     # A finite sum proves every entry finite (one pass); otherwise find the bad rows exactly.
     # (On the CPU only: elsewhere that test would synchronize with the device.)
@@ -139,16 +142,19 @@ def _forward_chunk(x_chunk: torch.Tensor, layers: Sequence[_Layer], *, routing: 
     ones = x_chunk.new_ones(rows) if with_stats and all_ok else None
     residual = x_chunk
     total = torch.zeros_like(x_chunk)
-    indices = torch.empty((rows, len(layers)), dtype=torch.int64, device=x_chunk.device)
-    sse = x_chunk.new_empty(len(layers))
+    indices = torch.full((rows, num_layers), -1, dtype=torch.int64, device=x_chunk.device)
+    sse = x_chunk.new_zeros(num_layers)
     stats = []
     for number, layer in enumerate(layers):
-        lhs = residual.bfloat16().float() if bf16 else residual
-        scores = torch.addmm(layer.sq_norms, lhs, layer.search_t, alpha=-2.0)
-        best = first_argmin_(scores, layer.positions)
-        del scores
-        if layer.remap is not None:
-            best = layer.remap.index_select(0, best)
+        if given is not None:
+            best = given[:, number].clamp(min=0)
+        else:
+            lhs = residual.bfloat16().float() if bf16 else residual
+            scores = torch.addmm(layer.sq_norms, lhs, layer.search_t, alpha=-2.0)
+            best = first_argmin_(scores, layer.positions)
+            del scores
+            if layer.remap is not None:
+                best = layer.remap.index_select(0, best)
         chosen = layer.codebook.index_select(0, best)
         if row_ok is not None:
             chosen = torch.where(row_ok[:, None], chosen, float("nan"))
@@ -172,6 +178,8 @@ def _forward_chunk(x_chunk: torch.Tensor, layers: Sequence[_Layer], *, routing: 
             total += residual + err
             residual = residual - chosen
     out = x_chunk + (total - x_chunk) if routing == FULL else total
+    if not layers and row_ok is not None:  # no layer ran: non-finite rows still get a NaN output
+        out = torch.where(row_ok[:, None], out, float("nan"))
     return out, indices, _ChunkSums(sse, stats)
 
 
@@ -186,10 +194,18 @@ def residual_quantize_forward(
     precision: str,
     with_stats: bool,
     chunk_rows: Optional[int] = None,
+    active: Optional[int] = None,
+    given_indices: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See :func:`rqvae_fast.kernels.residual_quantize_forward` (same inputs and outputs)."""
+    """See :func:`rqvae_fast.kernels.residual_quantize_forward` (same inputs and outputs, including
+    ``active``: only the first ``active`` layers run). ``given_indices (N, >= active)`` int64
+    layer-local: take these codes instead of the nearest ones (e.g. a beam search's; non-finite
+    rows still get -1); the gather, loss sums, statistics and routing are unchanged."""
     n, dim = x.shape
     sizes = [int(s) for s in layer_sizes]
+    num_active = len(sizes) if active is None else int(active)
+    if not 0 <= num_active <= len(sizes):
+        raise ValueError(f"active layers must be an int in [0, {len(sizes)}], got {active!r}")
     rows = chunk_rows or chunk_rows_for(dim, max(sizes))
     # bf16: operands rounded to bf16, products and sums in fp32 (as bf16 tensor cores do).
     bf16 = precision == "bf16"
@@ -202,10 +218,11 @@ def residual_quantize_forward(
     def find_duplicates(layer: int) -> None:  # on the workers too: no small parallel op here
         remaps[layer] = _duplicate_remap(codebooks[layer])
 
-    cpu_pool.run_chunks(len(sizes), find_duplicates, device=x.device)
+    if given_indices is None:  # (given codes need no duplicate remap)
+        cpu_pool.run_chunks(num_active, find_duplicates, device=x.device)
     layers = [_Layer(codebooks[i], searched[i].t(), norms[i], remaps[i], starts[i],
                      torch.arange(sizes[i], dtype=torch.float32, device=x.device))
-              for i in range(len(sizes))]
+              for i in range(num_active)]
 
     quantized = torch.empty_like(x)
     indices = torch.empty((n, len(sizes)), dtype=torch.int64, device=x.device)
@@ -219,8 +236,9 @@ def residual_quantize_forward(
     def run(chunk: int) -> None:
         lo = chunk * rows
         hi = min(n, lo + rows)
-        out, chunk_indices, part = _forward_chunk(source[lo:hi].float(), layers, routing=routing,
-                                                  bf16=bf16, with_stats=with_stats)
+        out, chunk_indices, part = _forward_chunk(
+            source[lo:hi].float(), layers, routing=routing, bf16=bf16, with_stats=with_stats,
+            num_layers=len(sizes), given=None if given_indices is None else given_indices[lo:hi])
         quantized[lo:hi] = out
         indices[lo:hi] = chunk_indices
         sums.add(chunk, part)

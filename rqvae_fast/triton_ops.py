@@ -21,16 +21,17 @@ from .backend import forward_body, input_grad_body
 
 @torch.library.triton_op("rqvae_fast::quantize_forward_triton", mutates_args=())
 def quantize_forward_triton(x: Tensor, codes: Tensor, layer_sizes: List[int], routing: int,
-                            precision: str, with_stats: bool, deterministic: bool
+                            precision: str, with_stats: bool, deterministic: bool, active: int = -1
                             ) -> typing.Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`rqvae_fast.backend.forward_body`."""
-    return forward_body(x, codes, layer_sizes, routing, precision, True, with_stats, deterministic)
+    return forward_body(x, codes, layer_sizes, routing, precision, True, with_stats, deterministic,
+                        active)
 
 
 @torch.library.triton_op("rqvae_fast::quantize_input_grad_triton", mutates_args=())
 def quantize_input_grad_triton(grad_out: Optional[Tensor], x: Tensor, codes: Tensor,
                                layer_sizes: List[int], indices: Tensor, coef: Tensor,
-                               commit_layers: int, grad_out_scale: float) -> Tensor:
+                               commit_layers: int, grad_out_scale: float, active: int = -1) -> Tensor:
     """See :func:`rqvae_fast.backend.input_grad_body`."""
     return input_grad_body(grad_out, x, codes, layer_sizes, indices, coef, True, commit_layers,
-                           grad_out_scale)
+                           grad_out_scale, active)

@@ -7,10 +7,12 @@ combined across layers and the fused quantizer's greedy pass does not apply.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 
+from .cpu_gemm import matmul_into, single_threaded_blas
 from .cpu_pool import run_chunks
 from .torch_backend import min_and_first_argmin_
 
@@ -58,18 +60,23 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tenso
     if on_cpu:
         step = max(step, 64)
     codes_t = centroids.t()
+    scaled_t = (-2.0 * centroids).t().contiguous()  # (D, K): -2 c, for cpu_gemm.matmul_into
     positions = torch.arange(centroids.shape[0], dtype=torch.float32, device=x.device)
 
     def score_chunk(index: int) -> None:
         lo = index * step
-        scores = torch.addmm(offset[None, :], x[lo:lo + step], codes_t, alpha=-2.0)
+        if on_cpu:
+            scores = matmul_into(x[lo:lo + step].detach(), scaled_t).add_(offset)
+        else:
+            scores = torch.addmm(offset[None, :], x[lo:lo + step], codes_t, alpha=-2.0)
         best, idx = min_and_first_argmin_(scores, positions)
         if bias is not None:
             best = best - bias.index_select(0, idx)
         codes[lo:lo + step] = idx
         torch.add(best, row_sq[lo:lo + step], out=dist[lo:lo + step]).clamp_min_(0.0)
 
-    run_chunks((n + step - 1) // step, score_chunk, device=x.device)
+    with single_threaded_blas() if on_cpu else contextlib.nullcontext():
+        run_chunks((n + step - 1) // step, score_chunk, device=x.device)
     return codes, dist
 
 
@@ -101,13 +108,13 @@ def assign_and_sum(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torc
     step = max(64, chunk_rows(num_codes, SUM_CHUNK_ELEMENTS))
     count = (n + step - 1) // step
     partials = [None] * count
-    codes_t = centroids.t()
+    scaled_t = (-2.0 * centroids).t().contiguous()  # (D, K): -2 c, for cpu_gemm.matmul_into
     positions = torch.arange(num_codes, dtype=torch.float32)
 
     def chunk(index: int) -> None:
         lo = index * step
-        rows = x[lo:lo + step]
-        scores = torch.addmm(offset[None, :], rows, codes_t, alpha=-2.0)
+        rows = x[lo:lo + step].detach()
+        scores = matmul_into(rows, scaled_t).add_(offset)
         best, idx = min_and_first_argmin_(scores, positions)
         if bias is not None:
             best = best - bias.index_select(0, idx)
@@ -116,7 +123,8 @@ def assign_and_sum(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torc
         partial = torch.zeros((num_codes, x.shape[1]), dtype=torch.float32)
         partials[index] = partial.index_add_(0, idx, rows)
 
-    run_chunks(count, chunk, device=x.device)
+    with single_threaded_blas():
+        run_chunks(count, chunk, device=x.device)
     sums = torch.zeros((num_codes, x.shape[1]), dtype=torch.float32)
     for partial in partials:
         sums += partial

@@ -308,7 +308,7 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         final = step == len(widths) - 1
         if final:  # back to the input axes
             centroids = (centroids @ axes.t()).contiguous()
-        rows = centred if final else rotated[:, :width].contiguous()
+        rows = centred if final else rotated[:, :width]  # a strided view: no copy per step
         step_iters = FINAL_STEP_ITERS if (final and FINAL_STEP_ITERS) else iters
         centroids, counts, inertia = _lloyd(rows, centroids, step_iters, gen, balanced, backend,
                                             precision)

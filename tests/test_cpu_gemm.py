@@ -1,0 +1,64 @@
+"""cpu_gemm: the score matmul on torch's or NumPy's BLAS gives the same products; the choice
+can be forced; NumPy's BLAS thread count is restored after a pass."""
+import numpy as np
+import pytest
+import torch
+
+from rqvae_fast import cpu_gemm
+from rqvae_fast.assign import assign_and_sum, nearest
+
+
+@pytest.fixture
+def restore_choice():
+    saved = cpu_gemm._choice
+    yield
+    cpu_gemm._choice = saved
+
+
+@pytest.mark.parametrize("choice", ["torch", "numpy"])
+@pytest.mark.parametrize("dim", [3, 8, 37])
+def test_matmul_into_matches_torch_mm(choice, dim, restore_choice):
+    cpu_gemm._choice = choice
+    gen = torch.Generator().manual_seed(dim)
+    rows = torch.randn(301, 2 * dim, generator=gen)[:, :dim]  # a strided view, as k-means passes
+    codes_t = torch.randn(dim, 19, generator=gen).contiguous()
+    out = cpu_gemm.matmul_into(rows, codes_t)
+    assert out.shape == (301, 19) and out.dtype == torch.float32
+    torch.testing.assert_close(out, rows @ codes_t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("choice", ["torch", "numpy"])
+def test_assignment_is_the_same_with_either_blas(choice, restore_choice):
+    cpu_gemm._choice = choice
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(5000, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    brute = torch.cdist(x.double(), c.double()).argmin(dim=1)
+    codes, dist = nearest(x, c)
+    codes2, dist2, counts, sums = assign_and_sum(x, c)
+    assert (codes == brute).float().mean() > 0.999 and torch.equal(codes, codes2)
+    torch.testing.assert_close(sums, torch.zeros(40, 24).index_add_(0, codes, x), rtol=1e-5,
+                               atol=1e-4)
+    assert counts.sum() == 5000
+
+
+def test_forced_choice_and_bad_value(monkeypatch, restore_choice):
+    monkeypatch.setenv(cpu_gemm.GEMM_ENV, "torch")
+    cpu_gemm._choice = None
+    assert cpu_gemm.backend() == "torch"
+    monkeypatch.setenv(cpu_gemm.GEMM_ENV, "mkl")
+    cpu_gemm._choice = None
+    with pytest.raises(ValueError, match=cpu_gemm.GEMM_ENV):
+        cpu_gemm.backend()
+
+
+def test_numpy_blas_threads_restored(restore_choice):
+    from threadpoolctl import threadpool_info
+
+    cpu_gemm._choice = "numpy"
+    before = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    with cpu_gemm.single_threaded_blas():
+        inside = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        assert all(t == 1 for t in inside)
+    after = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    assert after == before
+    assert np.ones(3) @ np.ones(3) == 3.0

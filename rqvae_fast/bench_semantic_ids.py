@@ -238,6 +238,10 @@ def bench_dataset(name: str, x: np.ndarray, layers: int, codes: int, repeats: in
     report: Dict[str, object] = {"dataset": name, "items": int(x.shape[0]), "dim": int(x.shape[1]),
                                  "layers": layers, "codes": codes, "threads": torch.get_num_threads(),
                                  "seeds": seeds, "rows": [], "notes": []}
+    from .cpu_gemm import backend
+
+    report["notes"].append(f"rqvae-fast's CPU score matmul ran on {backend()}'s BLAS "
+                           "(rqvae_fast.cpu_gemm: the faster of torch's and NumPy's on this machine)")
     _warm_up(x.shape[1])
     todo = []
     for method in methods(quick):

@@ -4,7 +4,7 @@ torch's CPU wheels compute ``x @ c.T`` with MKL; NumPy's wheels ship OpenBLAS. O
 does not take its fastest code path: measured on this project's 2-core AMD EPYC (one thread,
 4096 x 768 by 768 x 256), OpenBLAS takes 17.7 ms and MKL 25.1 ms, which is most of why FAISS (built
 on OpenBLAS) ran a k-means iteration faster than we did. :func:`matmul_into` therefore uses
-whichever of the two a one-off timing (:func:`backend`, about 50 ms, once per process) finds
+whichever of the two a one-off timing (:func:`backend`: 9 interleaved rounds, about 80 ms, once per process) finds
 faster on the machine at hand. NumPy's BLAS is limited to one thread per call while the chunked
 passes of :mod:`rqvae_fast.cpu_pool` run (:func:`single_threaded_blas`), like torch's intra-op
 threads on the pool's workers, and restored afterwards.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import threading
 import time
 from typing import Iterator, Optional
@@ -49,29 +50,30 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-def _best_of(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _measure() -> str:
+def _measure(rounds: int = 9) -> str:
+    """Interleaved rounds of both matmuls (one thread each) on a k-means-sized block; the one
+    with the lower median wins, NumPy only by a clear margin (10 %)."""
     rows = np.random.default_rng(0).random((2048, 384), dtype=np.float32)
     codes_t = np.ascontiguousarray(np.random.default_rng(1).random((256, 384), dtype=np.float32).T)
     out = np.empty((2048, 256), dtype=np.float32)
     rows_t, codes_tt = torch.from_numpy(rows), torch.from_numpy(codes_t)
+    times = {"numpy": [], "torch": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with _blas_controller().limit(limits=1, user_api="blas"):
-            numpy_s = _best_of(lambda: np.matmul(rows, codes_t, out=out))
-        torch_s = _best_of(lambda: torch.mm(rows_t, codes_tt))
+            np.matmul(rows, codes_t, out=out)
+            torch.mm(rows_t, codes_tt)
+            for _ in range(rounds):
+                start = time.perf_counter()
+                np.matmul(rows, codes_t, out=out)
+                middle = time.perf_counter()
+                torch.mm(rows_t, codes_tt)
+                times["numpy"].append(middle - start)
+                times["torch"].append(time.perf_counter() - middle)
     finally:
         torch.set_num_threads(threads)
+    numpy_s, torch_s = (statistics.median(times[k]) for k in ("numpy", "torch"))
     return "numpy" if numpy_s < 0.9 * torch_s else "torch"
 
 

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="re-seed codes unused for this many steps (default one epoch; 0 = off)")
     train.add_argument("--val-fraction", type=_fraction, default=0.05, metavar="SHARE",
                        help="held-out share")
+    train.add_argument("--monitor", choices=("recon", "total"), default="recon",
+                       help="validation loss that picks the best epoch and stops early: the "
+                            "reconstruction or the total with the VQ terms (the seed's)")
     train.add_argument("--patience", type=_non_negative_int, default=5, metavar="EPOCHS",
                        help="epochs without validation improvement before stopping (0 = never)")
     train.add_argument("--init-samples", type=_positive_int, default=100_000, metavar="N",
@@ -284,7 +287,8 @@ def _train_config(args):
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         beta_start=args.beta_start if args.beta_start >= 0 else None, beta_warmup=args.beta_warmup,
         dead_code_window=args.dead_code_window, val_fraction=args.val_fraction,
-        patience=args.patience, seed=args.seed, init_samples=args.init_samples,
+        patience=args.patience, monitor=args.monitor, seed=args.seed,
+        init_samples=args.init_samples,
         kmeans_iters=args.kmeans_iters, device=args.device, progress=not args.no_progress)
 
 

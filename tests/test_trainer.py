@@ -352,3 +352,14 @@ def test_quantization_warning_never_reports_more_than_all_of_the_variance(ratio)
         assert "2.17x the latent variance" in warnings[0] and "farther" in warnings[0]
     else:
         assert f"{ratio:.0%}" in warnings[0]
+
+
+@pytest.mark.parametrize("monitor, key", [("recon", "val_recon"), ("total", "val_total")])
+def test_monitor_picks_the_validation_loss(catalogue, monitor, key):
+    result = Trainer(_model(), _config(monitor=monitor), out_dir=None,
+                     log=_quiet).fit(catalogue.embeddings)
+    monitored = [h["monitor"] for h in result.history]
+    assert monitored == pytest.approx([h[key] for h in result.history])
+    assert result.best_epoch == 1 + int(np.argmin(monitored))
+    with pytest.raises(UserError, match="monitor"):
+        TrainConfig(monitor="loss")

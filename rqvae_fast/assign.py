@@ -1,6 +1,6 @@
 """Nearest-centroid assignment with plain PyTorch ops, chunked over rows (memory bounded).
 
-``addmm`` computes ``||c||^2 + bias - 2 x.c`` for a chunk of rows, ``min`` picks the code; the row
+A matmul gives ``||c||^2 + bias - 2 x.c`` for a chunk of rows, a minimum picks the code; the row
 norm ``||x||^2`` is added back only to report distances. Used by the k-means iterations (with an
 optional per-code size penalty ``bias``) and by beam search, where candidate scores must be
 combined across layers and the fused quantizer's greedy pass does not apply.
@@ -44,9 +44,10 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tenso
     lowest code) and that row's squared distance to it (without the bias). ``row_sq (N,)`` may
     pass precomputed ``||x||^2`` (k-means iterations reuse it).
 
-    On CPU, chunks of :data:`CPU_CHUNK_ELEMENTS` scores (they stay in a core's L2 cache between
-    ``addmm`` and ``min``) run on the worker pool of :mod:`rqvae_fast.cpu_pool`, one thread per
-    chunk: 1.2x (D 768) to 2.5x (D 4-9) faster than bigger chunks on all threads."""
+    On CPU, chunks of :data:`CPU_CHUNK_ELEMENTS` scores (they stay in cache between the matmul
+    and the minimum) run on the worker pool of :mod:`rqvae_fast.cpu_pool`, one thread each; the
+    matmul is :func:`rqvae_fast.cpu_gemm.matmul_into`, the minimum the vectorized
+    :func:`rqvae_fast.torch_backend.min_and_first_argmin_`."""
     n = x.shape[0]
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -143,4 +144,5 @@ def code_sums(x: torch.Tensor, codes: torch.Tensor, num_codes: int
     return counts.to(torch.float32), sums
 
 
-__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "SUM_CHUNK_ELEMENTS", "assign_and_sum", "chunk_rows", "code_sums", "nearest", "sq_distances"]
+__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "SUM_CHUNK_ELEMENTS", "assign_and_sum", "chunk_rows",
+           "code_sums", "nearest", "sq_distances"]

@@ -52,13 +52,14 @@ def test_forced_choice_and_bad_value(monkeypatch, restore_choice):
 
 
 def test_numpy_blas_threads_restored(restore_choice):
-    from threadpoolctl import threadpool_info
-
+    # The libraries limited are those loaded when cpu_gemm first needed them: NumPy's own BLAS
+    # (cpu_gemm imports NumPy first); a BLAS loaded later (SciPy's, say) is not ours to limit.
     cpu_gemm._choice = "numpy"
-    before = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    controller = cpu_gemm._blas_controller()
+    blas = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
+    assert blas, "NumPy's BLAS is not visible to threadpoolctl"
+    before = [lib.get_num_threads() for lib in blas]
     with cpu_gemm.single_threaded_blas():
-        inside = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-        assert all(t == 1 for t in inside)
-    after = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
-    assert after == before
-    assert np.ones(3) @ np.ones(3) == 3.0
+        assert [lib.get_num_threads() for lib in blas] == [1] * len(blas)
+        assert np.ones(3) @ np.ones(3) == 3.0
+    assert [lib.get_num_threads() for lib in blas] == before

@@ -8,7 +8,7 @@ combined across layers and the fused quantizer's greedy pass does not apply.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,35 @@ def sq_distances(x: torch.Tensor, centroids: torch.Tensor,
     return scores.add_(x.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0.0)
 
 
+class CpuScorer(NamedTuple):
+    """Scores rows against one codebook on CPU, built once per call and shared by its chunks:
+    ``scaled_t (D, K)`` = ``-2 c^T`` contiguous (for :func:`rqvae_fast.cpu_gemm.matmul_into`),
+    ``offset (K,)`` = ``||c||^2 (+ bias)``, ``positions (K,)`` fp32 ``arange`` (for the vectorized
+    first-argmin), ``bias (K,)`` or None."""
+
+    scaled_t: torch.Tensor
+    offset: torch.Tensor
+    positions: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, centroids: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "CpuScorer":
+        offset = centroids.pow(2).sum(dim=1)
+        if bias is not None:
+            offset = offset + bias
+        positions = torch.arange(centroids.shape[0], dtype=torch.float32)
+        return cls((-2.0 * centroids).t().contiguous(), offset, positions, bias)
+
+    def nearest(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(best (n,), codes (n,) int64)`` for ``rows (n, D)``: the code minimising
+        ``||c||^2 - 2 x.c + bias`` (ties to the lowest) and that minimum without the bias."""
+        scores = matmul_into(rows.detach(), self.scaled_t).add_(self.offset)
+        best, idx = min_and_first_argmin_(scores, self.positions)
+        if self.bias is not None:
+            best = best - self.bias.index_select(0, idx)
+        return best, idx
+
+
 @torch.no_grad()
 def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tensor] = None,
             row_sq: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -51,28 +80,28 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torch.Tenso
     n = x.shape[0]
     codes = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
-    offset = centroids.pow(2).sum(dim=1)
-    if bias is not None:
-        offset = offset + bias
     if row_sq is None:
         row_sq = x.pow(2).sum(dim=1)
     on_cpu = x.device.type == "cpu"
     step = chunk_rows(centroids.shape[0], CPU_CHUNK_ELEMENTS if on_cpu else CHUNK_ELEMENTS)
     if on_cpu:
         step = max(step, 64)
-    codes_t = centroids.t()
-    scaled_t = (-2.0 * centroids).t().contiguous()  # (D, K): -2 c, for cpu_gemm.matmul_into
-    positions = torch.arange(centroids.shape[0], dtype=torch.float32, device=x.device)
+        scorer = CpuScorer.of(centroids, bias)
+    else:
+        offset = centroids.pow(2).sum(dim=1)
+        if bias is not None:
+            offset = offset + bias
+        positions = torch.arange(centroids.shape[0], dtype=torch.float32, device=x.device)
 
     def score_chunk(index: int) -> None:
         lo = index * step
         if on_cpu:
-            scores = matmul_into(x[lo:lo + step].detach(), scaled_t).add_(offset)
+            best, idx = scorer.nearest(x[lo:lo + step])
         else:
-            scores = torch.addmm(offset[None, :], x[lo:lo + step], codes_t, alpha=-2.0)
-        best, idx = min_and_first_argmin_(scores, positions)
-        if bias is not None:
-            best = best - bias.index_select(0, idx)
+            scores = torch.addmm(offset[None, :], x[lo:lo + step], centroids.t(), alpha=-2.0)
+            best, idx = min_and_first_argmin_(scores, positions)
+            if bias is not None:
+                best = best - bias.index_select(0, idx)
         codes[lo:lo + step] = idx
         torch.add(best, row_sq[lo:lo + step], out=dist[lo:lo + step]).clamp_min_(0.0)
 
@@ -101,24 +130,17 @@ def assign_and_sum(x: torch.Tensor, centroids: torch.Tensor, bias: Optional[torc
     n = x.shape[0]
     codes = torch.empty(n, dtype=torch.int64)
     dist = torch.empty(n, dtype=torch.float32)
-    offset = centroids.pow(2).sum(dim=1)
-    if bias is not None:
-        offset = offset + bias
     if row_sq is None:
         row_sq = x.pow(2).sum(dim=1)
     step = max(64, chunk_rows(num_codes, SUM_CHUNK_ELEMENTS))
     count = (n + step - 1) // step
     partials = [None] * count
-    scaled_t = (-2.0 * centroids).t().contiguous()  # (D, K): -2 c, for cpu_gemm.matmul_into
-    positions = torch.arange(num_codes, dtype=torch.float32)
+    scorer = CpuScorer.of(centroids, bias)
 
     def chunk(index: int) -> None:
         lo = index * step
         rows = x[lo:lo + step].detach()
-        scores = matmul_into(rows, scaled_t).add_(offset)
-        best, idx = min_and_first_argmin_(scores, positions)
-        if bias is not None:
-            best = best - bias.index_select(0, idx)
+        best, idx = scorer.nearest(rows)
         codes[lo:lo + step] = idx
         torch.add(best, row_sq[lo:lo + step], out=dist[lo:lo + step]).clamp_min_(0.0)
         partial = torch.zeros((num_codes, x.shape[1]), dtype=torch.float32)
@@ -144,5 +166,5 @@ def code_sums(x: torch.Tensor, codes: torch.Tensor, num_codes: int
     return counts.to(torch.float32), sums
 
 
-__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "SUM_CHUNK_ELEMENTS", "assign_and_sum", "chunk_rows",
-           "code_sums", "nearest", "sq_distances"]
+__all__ = ["CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS", "CpuScorer", "SUM_CHUNK_ELEMENTS",
+           "assign_and_sum", "chunk_rows", "code_sums", "nearest", "sq_distances"]

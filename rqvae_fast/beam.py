@@ -16,10 +16,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .assign import CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS, chunk_rows, nearest
-from .cpu_gemm import matmul_into, single_threaded_blas
+from .assign import CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS, CpuScorer, chunk_rows, nearest
+from .cpu_gemm import single_threaded_blas
 from .cpu_pool import run_chunks
-from .torch_backend import min_and_first_argmin_
 
 
 def _check(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: int):
@@ -52,7 +51,7 @@ def greedy_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor]
 
     On CPU all layers run per chunk of rows on the worker pool (:mod:`rqvae_fast.cpu_pool`): the
     chunk's residual stays in cache from layer to layer, as in the fused kernel; scores come from
-    :func:`rqvae_fast.cpu_gemm.matmul_into`. Elsewhere, :func:`nearest` layer by layer."""
+    :class:`rqvae_fast.assign.CpuScorer`. Elsewhere, :func:`nearest` layer by layer."""
     points, books = _check(x, codebooks, 1)
     if points.device.type != "cpu":
         residual = points.clone()
@@ -65,16 +64,14 @@ def greedy_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor]
     n = points.shape[0]
     codes = torch.empty((n, len(books)), dtype=torch.int64)
     sq_error = torch.empty(n, dtype=torch.float32)
-    prepared = [((-2.0 * book).t().contiguous(), book.pow(2).sum(dim=1),
-                 torch.arange(book.shape[0], dtype=torch.float32)) for book in books]
+    scorers = [CpuScorer.of(book) for book in books]
     step = max(64, chunk_rows(max(book.shape[0] for book in books), CPU_CHUNK_ELEMENTS))
 
     def encode_chunk(index: int) -> None:
         lo = index * step
         residual = points[lo:lo + step].clone()
-        for layer, (scaled_t, sq_norms, positions) in enumerate(prepared):
-            scores = matmul_into(residual, scaled_t).add_(sq_norms)
-            _, idx = min_and_first_argmin_(scores, positions)
+        for layer, scorer in enumerate(scorers):
+            _, idx = scorer.nearest(residual)
             codes[lo:lo + step, layer] = idx
             residual -= books[layer].index_select(0, idx)
         sq_error[lo:lo + step] = residual.pow(2).sum(dim=1)

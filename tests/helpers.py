@@ -146,3 +146,15 @@ def assert_user_error(code, err, pattern):
     assert len(lines) == 1 and lines[0].startswith("rqvae-fast: error: "), err
     assert "Traceback" not in err
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def write_catalogue_npy(folder, num_items: int, dim: int):
+    """``folder/items.npy``: a small synthetic catalogue (branching 4, 2, 2, seed 3) for CLI tests."""
+    import numpy as np
+
+    from rqvae_fast.synthetic import make_catalogue
+
+    data = make_catalogue(num_items=num_items, dim=dim, branching=(4, 2, 2), seed=3).embeddings
+    path = folder / "items.npy"
+    np.save(path, data.numpy())
+    return path

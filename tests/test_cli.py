@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli, write_catalogue_npy
 from rqvae_fast.cli import main
 from rqvae_fast.synthetic import make_catalogue
 
@@ -28,10 +28,7 @@ def _no_outputs(folder):
 
 @pytest.fixture
 def small_npy(tmp_path):
-    data = make_catalogue(num_items=300, dim=16, branching=(4, 2, 2), seed=3).embeddings.numpy()
-    path = tmp_path / "items.npy"
-    np.save(path, data)
-    return path
+    return write_catalogue_npy(tmp_path, 300, 16)
 
 
 # ---- the demo, end to end ----------------------------------------------------------------------

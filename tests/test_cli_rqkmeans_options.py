@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli, write_catalogue_npy
 from rqvae_fast.beam import beam_encode
 from rqvae_fast.checkpoint import load_model
 from rqvae_fast.metrics import collision_stats
-from rqvae_fast.synthetic import make_catalogue
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,10 +17,7 @@ SIZES = ["--layers", "2", "--codebook-size", "16,64"]  # 1,024 IDs for 400 items
 
 @pytest.fixture
 def small_npy(tmp_path):
-    data = make_catalogue(num_items=400, dim=12, branching=(4, 2, 2), seed=3).embeddings.numpy()
-    path = tmp_path / "items.npy"
-    np.save(path, data)
-    return path
+    return write_catalogue_npy(tmp_path, 400, 12)
 
 
 def test_beam_size_on_fit_and_encode(tmp_path, small_npy, capsys):

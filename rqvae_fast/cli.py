@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 import warnings
@@ -65,6 +66,7 @@ def _bounded(cast, accept, expected: str):
 _positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
 _fraction = _bounded(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+_recon_weight = _bounded(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -131,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--hidden-dims", default="512,256,128", metavar="H[,H...]",
                        help="encoder hidden widths (the decoder mirrors them)")
     model.add_argument("--beta", type=float, default=0.25, metavar="B", help="commitment cost")
-    model.add_argument("--ema", action="store_true",
-                       help="move codebooks by EMA instead of gradients")
+    model.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="move codebooks by EMA of the latents they quantize (--no-ema: by "
+                            "gradients of the codebook loss, the seed's)")
     model.add_argument("--decay", type=float, default=0.99, metavar="D",
                        help="EMA decay (with --ema)")
     model.add_argument("--grad-mode", choices=("seed", "full", "layer_ste", "rotation"), default="seed",
@@ -160,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="re-seed codes unused for this many steps (default one epoch; 0 = off)")
     train.add_argument("--val-fraction", type=_fraction, default=0.05, metavar="SHARE",
                        help="held-out share")
+    train.add_argument("--recon-weight", type=_recon_weight, default=None, metavar="W",
+                       help="weight of the reconstruction MSE against the VQ loss (default: "
+                            "1 / the data's mean per-dimension variance, so unit-norm "
+                            "embeddings are not drowned by the VQ loss; 1 = the seed's sum)")
     train.add_argument("--monitor", choices=("recon", "total"), default="recon",
                        help="validation loss that picks the best epoch and stops early: the "
                             "reconstruction or the total with the VQ terms (the seed's)")
@@ -286,7 +293,8 @@ def _train_config(args):
         weight_decay=args.weight_decay, scheduler=args.scheduler,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None,
         beta_start=args.beta_start if args.beta_start >= 0 else None, beta_warmup=args.beta_warmup,
-        dead_code_window=args.dead_code_window, val_fraction=args.val_fraction,
+        dead_code_window=args.dead_code_window, recon_weight=args.recon_weight,
+        val_fraction=args.val_fraction,
         patience=args.patience, monitor=args.monitor, seed=args.seed,
         init_samples=args.init_samples,
         kmeans_iters=args.kmeans_iters, device=args.device, progress=not args.no_progress)

@@ -355,3 +355,25 @@ def test_stats_knows_the_dedup_column_and_codebook_sizes(tmp_path, small_npy, ca
     stats = json.loads(run_cli(capsys, "stats", alone / "codes.npy", "--json")[1])
     assert stats["layout_assumed"] and stats["dedup_position"] is False
     assert len(stats["layers"]) == 2
+
+
+def test_fit_defaults_ema_codebooks_and_variance_weighted_reconstruction(tmp_path, small_npy,
+                                                                          capsys):
+    """Issue 11: the CLI's RQ-VAE defaults are EMA codebooks and the reconstruction weighted by
+    the inverse data variance (the seed's settings stay one flag away)."""
+    from rqvae_fast.cli import _model_from_args, _train_config, build_parser
+
+    args = build_parser().parse_args(["fit", "x.npy"])
+    model = _model_from_args(args, 16)
+    assert model.ema and all(layer.ema for layer in model.vq.vq_layers)
+    assert _train_config(args).recon_weight is None
+    seed_args = build_parser().parse_args(["fit", "x.npy", "--no-ema", "--recon-weight", "1"])
+    assert not _model_from_args(seed_args, 16).ema
+    assert _train_config(seed_args).recon_weight == 1.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "x.npy", "--recon-weight", "0"])
+    assert "positive number" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "fit", small_npy, *SMALL, "--out", tmp_path / "r")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert any("ema_cluster_size" in key for key in saved["model_state"])

@@ -15,7 +15,7 @@ the tensor-core shape of the greedy kernel. Per layer ``l`` with ``K_l`` codes:
    is ``(BLOCK_M, BEAM_PAD)`` registers; each code tile is merged by extraction rounds: the tile's
    next-best candidate per row (by ``(score, key)``, after the one taken in the previous round)
    replaces the row's worst kept entry while it beats it. Rounds stop when no row of the tile
-   improves (at most ``B``; usually 0-1 once the first tiles of a layer have filled the set).
+   improves (at most ``B`` per tile; fewer once the layer's earlier tiles have filled the set).
    After the layer's last tile the set is sorted into rank order.
 3. **Rebuild** each kept path's residual ``r_parent - e_code`` into the other half of a
    per-program fp32 scratch ``(programs, 2, P, D padded)`` (double-buffered: the parent's row is
@@ -29,17 +29,23 @@ While the product of the layer sizes so far is below ``B`` (``B > K_0``) a row h
 ``B`` paths; the others are empty (never chosen), exactly as ``beam_encode`` keeps
 ``min(B, paths x K_l)`` of them. Rows holding NaN/Inf get index -1 and error NaN.
 
-Roofline, ``B = 4``, per row (``L`` layers of ``K`` codes, dim ``D``, fp32): the dot costs
-``2 B K D`` FLOPs per layer (layer 0 scores all ``B`` path rows although only one is live), so
-``2 B K D L`` -- 196,608 FLOPs at K 256, D 32, L 3 (4x greedy's). Compulsory HBM traffic is the
-row itself, ``4 D`` bytes in, ``8 L + 4`` out (140 B at D 32, L 3): about 1,400 FLOPs per byte,
-so compute-bound (H100/H200 FP32 FMA peak ~60 TFLOP/s: ~3.3 us per 1M rows per FLOP/row ...
-about 0.33 ms per million rows at tf32 tensor-core peak ~500 TFLOP/s, ~3.3 ms at FP32 peak).
-On-chip traffic: codebooks are streamed once per tile of ``BLOCK_M = 16`` rows
-(``4 K L D`` = 98 KiB per tile at K 256, D 32: L2-resident, 6 KiB per row), the scratch adds
-``2 x 4 B D`` bytes per row and layer (L1/L2), and the top-B merge costs about
-``(rounds + 1) x B K`` compare-selects per row and layer on the CUDA cores, which at small ``D``
-rivals the tensor-core dot: expect the selection, not the dot, to bound ``D <= 64``.
+Roofline, ``B = 4``, per row (``L`` layers of ``K`` codes, dim ``D``, fp32; example K 256, D 32,
+L 3; H200 peaks assumed: ~500 TFLOP/s tf32 tensor cores, ~60 TFLOP/s fp32 FMA, 4.8 TB/s HBM,
+~10 TB/s L2):
+
+- compute: the dot costs ``2 B K D`` FLOPs per layer (layer 0 scores all ``B`` path rows though
+  one is live), ``2 B K D L`` = 196,608 FLOPs (4x greedy's): 0.39 ms per million rows at the
+  tf32 peak, 3.3 ms at the fp32 FMA peak (``"ieee"``, what ``residual_quantize`` runs);
+- HBM: the row in (``4 D``), codes and error out (``8 L + 4``): 156 B, 0.03 ms per million rows,
+  about 1,300 FLOPs per byte: compute-bound;
+- L2: every tile of ``BLOCK_M = 16`` rows streams the codebooks (``4 K D L`` = 96 KiB, i.e. 6 KiB
+  per row, 4x greedy's 64-row tiles): ~0.6 ms per million rows, as much as the tf32 dot;
+- L1/L2 scratch: per layer ``B`` path rows write and read ``4 D`` bytes (plus re-reads per code
+  tile when D spans several chunks): ~4.6 KiB per row at D 32;
+- CUDA cores: the top-B merge does ``(rounds + 1)`` min-reductions over ``B x BLOCK_K``
+  candidates per code tile, ``~2 (rounds + 1) B K`` compare-selects per row and layer; at
+  ``D <= 64`` this rivals the dot, so expect the selection and the L2 stream, not the FLOPs, to
+  bound it. None of this is measured (no GPU run yet).
 """
 from __future__ import annotations
 

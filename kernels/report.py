@@ -339,13 +339,13 @@ BEAM_CI_DIMS = (32, 96, 256, 768)
 
 
 def beam_ci_rows(archs: Iterable[str]) -> List[Row]:
-    """The beam kernel's CI rows: beam 4 at D 32, 96 (odd chunk count), 256 and 768 (many
-    chunks) in every precision, and beams 2, 3 (padded to 4) and 8 at D 64 and 768."""
-    rows = enumerate_rows(archs, BEAM_CI_DIMS, kernels=("beam",), precisions=BEAM_PRECISIONS,
-                          stats=(False,), routings=(0,), beam_sizes=(4,))
-    rows += enumerate_rows(archs, (64, 768), kernels=("beam",), precisions=BEAM_PRECISIONS,
-                           stats=(False,), routings=(0,), beam_sizes=(2, 3, 8))
-    return rows
+    """The beam kernel's CI rows (42): beam 4 at D 32, 96 (odd chunk count), 256 and 768 (many
+    chunks), beams 2 and 8 at D 768 and beam 3 (padded to 4) at D 64, in every precision."""
+    def beam_rows(dims, beams):
+        return enumerate_rows(archs, dims, kernels=("beam",), precisions=BEAM_PRECISIONS,
+                              stats=(False,), routings=(0,), beam_sizes=beams)
+
+    return beam_rows(BEAM_CI_DIMS, (4,)) + beam_rows((768,), (2, 8)) + beam_rows((64,), (3,))
 
 
 def compile_rows(rows: List[Row], ptxas: str, jobs: int = 1) -> List[Row]:

@@ -66,7 +66,7 @@ def test_integer_data_reduced_precision_bit_identical(kernel, precision):
 
 
 @pytest.mark.parametrize("beam, dim, sizes", [(2, 13, [7, 5, 11]), (3, 40, [20, 9, 6]),
-                                              (4, 100, [33, 17, 5, 9]), (8, 24, [12, 10])])
+                                              (4, 72, [33, 17, 5, 9]), (8, 24, [12, 10])])
 def test_gaussian_data_matches_the_oracle(kernel, beam, dim, sizes):
     x, books = gaussian_data(45, dim, sizes, seed=beam)
     idx, err = kernel.beam_search(x, books, beam)

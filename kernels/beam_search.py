@@ -57,7 +57,7 @@ import triton.language as tl
 
 from .config import BEAM_PRECISIONS, MAX_BEAM, beam_constexprs, beam_tiles, launch_options
 from .quantize_forward import device_arch, max_programs
-from .search import tile_scores
+from .search import chunk_dot, tile_scores
 from .traceable import traceable
 
 NO_KEY = 2 ** 31 - 1  # key of an empty slot or an impossible candidate: after every real key
@@ -130,6 +130,35 @@ def _rank(kept_score, kept_key, slots, NO: tl.constexpr, BEAM: tl.constexpr):
 
 
 @triton.jit
+def _path_scores(r_regs, res_ptr, code_ptr, sq_norm_ptr, k0, k_end, D, num_chunks,
+                 SEARCH: tl.constexpr, EMULATE: tl.constexpr, P: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_DC: tl.constexpr, NUM_DC: tl.constexpr):
+    """``(P, BLOCK_K)`` fp32 scores ``||e||^2 - 2 r.e`` of codes ``k0 .. k0 + BLOCK_K`` (+inf past
+    ``k_end``) for the ``P`` path residuals: :func:`.search.tile_scores` for one chunk; for
+    several, the same chunk dots in the same order over a *runtime* chunk count (``num_chunks``
+    = ``NUM_DC``): with a constant count LLVM unrolled the loop and hoisted its loads, which took
+    sm_80's tf32 tiles to 255 registers and spills at D 256-768."""
+    if NUM_DC == 1:
+        dist, _norms = tile_scores(r_regs, res_ptr, code_ptr, sq_norm_ptr, k0, k_end, D, SEARCH,
+                                   EMULATE, P, BLOCK_K, BLOCK_DC, NUM_DC)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < k_end
+        dcs = tl.arange(0, BLOCK_DC)
+        local = tl.arange(0, P)[:, None] * (NUM_DC * BLOCK_DC) + dcs[None, :]
+        acc = tl.zeros((P, BLOCK_K), dtype=tl.float32)
+        for c in range(num_chunks):
+            dims = c * BLOCK_DC + dcs
+            r = tl.load(res_ptr + local + c * BLOCK_DC)
+            codes = tl.load(code_ptr + ks.to(tl.int64)[:, None] * D + dims[None, :],
+                            mask=k_in[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
+            acc = chunk_dot(r, codes, acc, SEARCH, EMULATE)
+        sq_norm = tl.load(sq_norm_ptr + ks, mask=k_in, other=float("inf"))
+        dist = sq_norm[None, :] - 2.0 * acc
+    return dist
+
+
+@triton.jit
 def _load_x(x_ptr, path_rows, dims, N, D):
     """``(P, BLOCK_DC)`` fp32 chunk of x for each path row's row, and its non-finite count."""
     mask = (path_rows < N)[:, None] & (dims < D)[None, :]
@@ -174,6 +203,7 @@ def _beam_search_kernel(
     local = paths[:, None] * D_PAD + dcs[None, :]
     res_base = res_ptr + pid.to(tl.int64) * (2 * P * D_PAD)
     hist = hist_ptr + pid.to(tl.int64) * (NUM_LAYERS * P)
+    num_chunks = tl.cdiv(D, BLOCK_DC)  # = NUM_DC, as a runtime bound: a constant one gets unrolled
 
     for tile in range(pid, num_tiles, num_programs):
         rows = (tl.zeros((BLOCK_M,), dtype=tl.int64) + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,12 +211,12 @@ def _beam_search_kernel(
 
         # --- every path row starts as its row of x (zeros on non-finite rows) ------------------
         bad = tl.zeros((P,), dtype=tl.int32)
-        for c in range(NUM_DC):
+        for c in range(num_chunks):
             _x, chunk_bad = _load_x(x_ptr, path_rows, c * BLOCK_DC + dcs, N, D)
             bad += chunk_bad
         path_ok = (path_rows < N) & (bad == 0)
         r_sq = tl.zeros((P,), dtype=tl.float32)
-        for c in range(NUM_DC):
+        for c in range(num_chunks):
             x, _bad = _load_x(x_ptr, path_rows, c * BLOCK_DC + dcs, N, D)
             x = tl.where(path_ok[:, None], x, 0.0)
             r_sq += tl.sum(x * x, axis=1)
@@ -215,8 +245,8 @@ def _beam_search_kernel(
                                   -float("inf")) + tl.zeros((BLOCK_M, BEAM_PAD), dtype=tl.float32)
             kept_key = tl.where(slots[None, :] < BEAM, NO, -1) + tl.zeros((BLOCK_M, BEAM_PAD), dtype=tl.int32)
             for k0 in range(k_start, k_end, BLOCK_K):
-                dist, _norms = tile_scores(r_regs, cur_res, code_ptr, sq_norm_ptr, k0, k_end, D,
-                                           SEARCH, EMULATE, P, BLOCK_K, BLOCK_DC, NUM_DC)
+                dist = _path_scores(r_regs, cur_res, code_ptr, sq_norm_ptr, k0, k_end, D, num_chunks,
+                                    SEARCH, EMULATE, P, BLOCK_K, BLOCK_DC, NUM_DC)
                 ks = k0 + tl.arange(0, BLOCK_K)
                 ok = live[:, None] & (ks < k_end)[None, :]
                 score = dist + path_base[:, None]
@@ -235,7 +265,7 @@ def _beam_search_kernel(
             tl.store(hist + layer * P + paths, child_key)
             src = (path_row * BEAM_PAD + parent)[:, None] * D_PAD + dcs[None, :]
             r_sq = tl.zeros((P,), dtype=tl.float32)
-            for c in range(NUM_DC):
+            for c in range(num_chunks):
                 dims = c * BLOCK_DC + dcs
                 r = tl.load(cur_res + src + c * BLOCK_DC)
                 e = tl.load(code_ptr + code.to(tl.int64)[:, None] * D + dims[None, :],

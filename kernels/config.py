@@ -156,10 +156,10 @@ BEAM_PATH_ROWS = 64  # rows x beam per tile: the dot's M, as the forward's 64 ro
 def beam_tiles(dim: int, precision: str, arch: str, beam_size: int) -> TileConfig:
     """Tiles of the beam-search kernel: ``64 / B_pad`` rows x ``B_pad`` paths (``B`` rounded up
     to a power of two) = 64 path rows per dot; score tiles of 16 codes (``"ieee"``) or 32 codes
-    (tf32/bf16, tensor cores); chunks of D as the forward's, except that tf32/bf16 rows wider
-    than one chunk use half-width chunks (32 columns on sm_90a, 16 on sm_80: the forward's widths
-    spilled 8 B at D 768, beam 4) and sm_80's tf32 then scores 16 codes per tile (32 spilled at
-    D 256); 4 warps, one stage. Chosen with the compile report (zero spills)."""
+    (tf32/bf16, tensor cores); chunks of D as the forward's, except that tf32/bf16 rows wider than
+    one chunk use half-width chunks (sm_90a's 64-column chunks spilled 8 B at D 768, beam 4); 4
+    warps, one stage. Chosen with the compile report (zero spills; see ``_path_scores`` in
+    ``kernels/beam_search.py`` for why its chunk loop has a runtime trip count)."""
     _check(dim, arch)
     if precision not in BEAM_PRECISIONS:
         raise ValueError(f"precision must be one of {BEAM_PRECISIONS}, got {precision!r}")
@@ -168,12 +168,10 @@ def beam_tiles(dim: int, precision: str, arch: str, beam_size: int) -> TileConfi
     pad = 1 << (beam_size - 1).bit_length()
     if precision == "ieee":
         width, block_k = chunk_width(dim, 32 if arch == "sm90" else 16), 16
-    else:  # one chunk up to 64 (sm_90a) / 32 (sm_80) columns; narrower chunks past it (spills)
+    else:  # one chunk of up to 64 (sm_90a) / 32 (sm_80) columns, half that once rows span several
         widest = 64 if arch == "sm90" else 32
-        chunked = padded_dim(dim) > widest
-        width = chunk_width(dim, widest // 2 if chunked else widest)
-        # sm_80's tf32 mma keeps its operands in registers: 32-code tiles spilled at D 256
-        block_k = 16 if chunked and arch == "sm80" and precision == "tf32" else 32
+        width = chunk_width(dim, widest if padded_dim(dim) <= widest else widest // 2)
+        block_k = 32
     return TileConfig(block_m=BEAM_PATH_ROWS // pad, block_k=block_k, block_dc=width,
                       num_chunks=padded_dim(dim) // width, num_warps=4, num_stages=1,
                       max_registers=MAX_REGISTERS)

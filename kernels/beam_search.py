@@ -29,23 +29,25 @@ While the product of the layer sizes so far is below ``B`` (``B > K_0``) a row h
 ``B`` paths; the others are empty (never chosen), exactly as ``beam_encode`` keeps
 ``min(B, paths x K_l)`` of them. Rows holding NaN/Inf get index -1 and error NaN.
 
-Roofline, ``B = 4``, per row (``L`` layers of ``K`` codes, dim ``D``, fp32; example K 256, D 32,
-L 3; H200 peaks assumed: ~500 TFLOP/s tf32 tensor cores, ~60 TFLOP/s fp32 FMA, 4.8 TB/s HBM,
-~10 TB/s L2):
+Roofline, ``B = 4``, on paper (unmeasured: no GPU run yet), shape A of ``benchmarks/RESULTS.md``
+(N 2^20, D 32, K 256, L 3) with its H200 ceilings (tf32 360, fp32 51.3 TFLOP/s, copy 4.25 TB/s,
+33.4 T simple CUDA-core ops/s):
 
-- compute: the dot costs ``2 B K D`` FLOPs per layer (layer 0 scores all ``B`` path rows though
-  one is live), ``2 B K D L`` = 196,608 FLOPs (4x greedy's): 0.39 ms per million rows at the
-  tf32 peak, 3.3 ms at the fp32 FMA peak (``"ieee"``, what ``residual_quantize`` runs);
-- HBM: the row in (``4 D``), codes and error out (``8 L + 4``): 156 B, 0.03 ms per million rows,
-  about 1,300 FLOPs per byte: compute-bound;
-- L2: every tile of ``BLOCK_M = 16`` rows streams the codebooks (``4 K D L`` = 96 KiB, i.e. 6 KiB
-  per row, 4x greedy's 64-row tiles): ~0.6 ms per million rows, as much as the tf32 dot;
-- L1/L2 scratch: per layer ``B`` path rows write and read ``4 D`` bytes (plus re-reads per code
+- dot: ``2 B K D L`` = 196,608 FLOPs per row (4x greedy's; layer 0 scores all ``B`` path rows
+  though one is live): 0.57 ms in tf32, 4.0 ms in fp32 FMA (``"ieee"``, what
+  ``residual_quantize`` runs);
+- DRAM: the row in (``4 D``), codes and error out (``8 L + 4``): 156 B per row, 0.04 ms, about
+  1,300 FLOPs per byte;
+- L2: every 16-row tile streams the codebooks (``4 K D L`` = 96 KiB, 6 KiB per row, 4x greedy's
+  64-row tiles): 6.4 GB, ~0.6 ms at ~10 TB/s;
+- L1/L2 scratch: per layer ``B`` path rows write and read ``4 D`` bytes (plus a re-read per code
   tile when D spans several chunks): ~4.6 KiB per row at D 32;
-- CUDA cores: the top-B merge does ``(rounds + 1)`` min-reductions over ``B x BLOCK_K``
-  candidates per code tile, ``~2 (rounds + 1) B K`` compare-selects per row and layer; at
-  ``D <= 64`` this rivals the dot, so expect the selection and the L2 stream, not the FLOPs, to
-  bound it. None of this is measured (no GPU run yet).
+- CUDA cores, the top-B merge: ~7 ops per candidate to form score and key, ~11 per extraction
+  pass, ~2 passes per code tile on average (``B + 1`` on a layer's first tile, 1-2 later), so
+  ~29 ops x ``B K L`` = 3.2 G candidates: ~2.8 ms, the largest term.
+
+Predicted: tf32 2.8-4.0 ms, ``"ieee"`` 4.0-7.4 ms (perfect overlap .. none), against greedy's
+0.14-0.26 / 1.0-1.1 ms: the merge, not the FLOPs or the bytes, bounds it at small D.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import triton
 
 _TRITON_RELEASE = tuple(int(p) for p in triton.__version__.split(".")[:2])
 
-KERNELS = ("forward", "input_grad")
+KERNELS = ("forward", "input_grad", "beam")
 ARCHS = ("sm80", "sm90")
 DOT_MIN_WIDTH = 16
 CHUNK_WIDTHS = (64, 32, 16)
@@ -146,13 +146,63 @@ def input_grad_constexprs(tiles: TileConfig, *, num_layers: int, commit_layers: 
                 BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_dc)
 
 
+# --- beam search (kernels/beam_search.py) -----------------------------------------------------
+MAX_BEAM = 8
+BEAM_SIZES = tuple(range(2, MAX_BEAM + 1))  # what residual_quantize launches (1 is the greedy kernel)
+BEAM_PRECISIONS = ("ieee", "tf32", "bf16")
+BEAM_PATH_ROWS = 64  # rows x beam per tile: the dot's M, as the forward's 64 rows
+
+
+def beam_tiles(dim: int, precision: str, arch: str, beam_size: int) -> TileConfig:
+    """Tiles of the beam-search kernel: ``64 / B_pad`` rows x ``B_pad`` paths (``B`` rounded up
+    to a power of two) = 64 path rows per dot; score tiles of 16 codes (``"ieee"``) or 32 codes
+    (tf32/bf16, tensor cores); chunks of D as the forward's, except that tf32/bf16 rows wider than
+    one chunk use half-width chunks (sm_90a's 64-column chunks spilled 8 B at D 768, beam 4); 4
+    warps, one stage. Chosen with the compile report (zero spills; see ``_path_scores`` in
+    ``kernels/beam_search.py`` for why its chunk loop has a runtime trip count)."""
+    _check(dim, arch)
+    if precision not in BEAM_PRECISIONS:
+        raise ValueError(f"precision must be one of {BEAM_PRECISIONS}, got {precision!r}")
+    if not 1 <= beam_size <= MAX_BEAM:
+        raise ValueError(f"beam_size must be in [1, {MAX_BEAM}], got {beam_size}")
+    pad = 1 << (beam_size - 1).bit_length()
+    if precision == "ieee":
+        width, block_k = chunk_width(dim, 32 if arch == "sm90" else 16), 16
+    else:  # one chunk of up to 64 (sm_90a) / 32 (sm_80) columns, half that once rows span several
+        widest = 64 if arch == "sm90" else 32
+        width = chunk_width(dim, widest if padded_dim(dim) <= widest else widest // 2)
+        block_k = 32
+    return TileConfig(block_m=BEAM_PATH_ROWS // pad, block_k=block_k, block_dc=width,
+                      num_chunks=padded_dim(dim) // width, num_warps=4, num_stages=1,
+                      max_registers=MAX_REGISTERS)
+
+
+def beam_constexprs(tiles: TileConfig, *, num_layers: int, beam_size: int, precision: str,
+                    emulate: bool) -> Dict[str, object]:
+    """The beam kernel's compile-time arguments (launcher and report build them here)."""
+    return dict(NUM_LAYERS=num_layers, BEAM=beam_size, BEAM_PAD=1 << (beam_size - 1).bit_length(),
+                SEARCH=precision, EMULATE=emulate, BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k,
+                BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks)
+
+
 def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, routing: int,
-                   arch: str, num_layers: int = 3) -> List[LaunchConfig]:
+                   arch: str, num_layers: int = 3, beam_sizes=BEAM_SIZES) -> List[LaunchConfig]:
     """Every launch a launcher can make for these arguments on a GPU of family ``arch``.
 
     ``input_grad`` ignores precision and stats; its launches differ by routing (which layers'
-    commitment terms reach the input) and by whether an output gradient is given.
+    commitment terms reach the input) and by whether an output gradient is given. ``beam``
+    ignores stats and routing; its launches differ by beam size (``beam_sizes``, default
+    :data:`BEAM_SIZES`).
     """
+    if kernel == "beam":
+        configs = []
+        for beam in beam_sizes:
+            tiles = beam_tiles(dim, precision, arch, beam)
+            consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam, precision=precision,
+                                     emulate=False)
+            configs.append(LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages,
+                                        tiles.max_registers))
+        return configs
     if kernel == "forward":
         tiles = forward_tiles(dim, precision, arch)
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing,

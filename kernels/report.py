@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import KERNELS, LaunchConfig, launch_configs, launch_options
+from .config import BEAM_PRECISIONS, BEAM_SIZES, KERNELS, LaunchConfig, launch_configs, launch_options
 
 DIMS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 FORWARD_PRECISIONS = ("ieee", "tf32", "bf16", "exact")
@@ -85,7 +85,7 @@ class Row:
 
     @property
     def reduced_precision(self) -> bool:
-        return self.kernel == "forward" and self.precision in ("tf32", "bf16", "exact")
+        return self.kernel in ("forward", "beam") and self.precision in ("tf32", "bf16", "exact")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +172,8 @@ def run_ptxas(ptxas: str, ptx: str, gpu_name: str) -> Tuple[int, str]:
 def _kernel_fn(kernel: str):
     if kernel == "forward":
         from .quantize_forward import _residual_quantize_fwd_kernel as fn
+    elif kernel == "beam":
+        from .beam_search import _beam_search_kernel as fn
     else:
         from .quantize_backward import _residual_quantize_input_grad_kernel as fn
     return fn
@@ -180,6 +182,7 @@ def _kernel_fn(kernel: str):
 _POINTER_TYPES = {
     "forward": {"layer_start_ptr": "*i32", "idx_ptr": "*i64", "count_ptr": "*i32", "rescan_ptr": "*i32"},
     "input_grad": {"layer_start_ptr": "*i32", "idx_ptr": "*i64"},
+    "beam": {"layer_start_ptr": "*i32", "idx_ptr": "*i64", "hist_ptr": "*i32"},
 }
 _SCALAR_TYPES = {"N": "i32", "D": "i32", "num_active": "i32", "grad_out_scale": "fp32"}
 
@@ -270,7 +273,7 @@ def pick_ptxas(candidates: Sequence[str], arch: str = "sm_90a") -> Tuple[Optiona
 
 def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[str] = KERNELS,
                    precisions: Iterable[str] = FORWARD_PRECISIONS, stats: Iterable[bool] = (False, True),
-                   routings: Iterable[int] = ROUTINGS) -> List[Row]:
+                   routings: Iterable[int] = ROUTINGS, beam_sizes: Iterable[int] = BEAM_SIZES) -> List[Row]:
     """One row per distinct launch configuration (duplicates, e.g. input-grad launches that do
     not depend on precision, appear once)."""
     rows, seen = [], set()
@@ -278,11 +281,11 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
         family = TARGETS[arch].family
         for kernel in kernels:
             for dim in dims:
-                for precision in (precisions if kernel == "forward" else ("-",)):
+                for precision in _precisions(kernel, precisions):
                     for with_stats in (stats if kernel == "forward" else (False,)):
                         for routing in routings:
-                            for cfg in launch_configs(kernel, dim, precision if kernel == "forward" else "ieee",
-                                                      with_stats, routing, family):
+                            for cfg in launch_configs(kernel, dim, precision if precision != "-" else "ieee",
+                                                      with_stats, routing, family, beam_sizes=beam_sizes):
                                 variant = _variant(cfg)
                                 key = (arch, dim, kernel, variant, tuple(sorted(cfg.constexprs.items())),
                                        cfg.num_warps, cfg.num_stages, cfg.max_registers)
@@ -295,7 +298,19 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
     return rows
 
 
+def _precisions(kernel: str, precisions: Iterable[str]) -> Tuple[str, ...]:
+    """The precisions a kernel's rows take: the forward's as asked, the beam kernel's among
+    :data:`BEAM_PRECISIONS` (``"exact"`` maps to nothing there), none for the input gradient."""
+    if kernel == "forward":
+        return tuple(precisions)
+    if kernel == "beam":
+        return tuple(p for p in precisions if p in BEAM_PRECISIONS)
+    return ("-",)
+
+
 def _variant(cfg: LaunchConfig) -> str:
+    if cfg.kernel == "beam":
+        return f"beam={cfg.constexprs['BEAM']}"
     if cfg.kernel == "input_grad":
         return ("grad_out" if cfg.constexprs["HAS_GRAD_OUT"] else "no_grad_out") + \
             f",commit={cfg.constexprs['COMMIT_LAYERS']}"
@@ -316,7 +331,21 @@ def ci_subset(archs: Iterable[str]) -> List[Row]:
     rows += [r for r in grads if r.variant.startswith("grad_out")]
     rows += [r for r in enumerate_rows(archs, (64, 768), kernels=("input_grad",), routings=(0,))
              if r.variant.startswith("no_grad_out")]
+    rows += beam_ci_rows(archs)
     return rows
+
+
+BEAM_CI_DIMS = (32, 96, 256, 768)
+
+
+def beam_ci_rows(archs: Iterable[str]) -> List[Row]:
+    """The beam kernel's CI rows (42): beam 4 at D 32, 96 (odd chunk count), 256 and 768 (many
+    chunks), beams 2 and 8 at D 768 and beam 3 (padded to 4) at D 64, in every precision."""
+    def beam_rows(dims, beams):
+        return enumerate_rows(archs, dims, kernels=("beam",), precisions=BEAM_PRECISIONS,
+                              stats=(False,), routings=(0,), beam_sizes=beams)
+
+    return beam_rows(BEAM_CI_DIMS, (4,)) + beam_rows((768,), (2, 8)) + beam_rows((64,), (3,))
 
 
 def compile_rows(rows: List[Row], ptxas: str, jobs: int = 1) -> List[Row]:

@@ -457,14 +457,15 @@ def load_codebooks(vq: ResidualVQ, results: Sequence[KMeansResult]) -> None:
 def _codes_or_minus_one(x: torch.Tensor, books: Sequence[torch.Tensor], beam_size: int = 1
                         ) -> torch.Tensor:
     """Greedy (or beam) codes ``(N, L)`` of ``x (N, D)``; rows holding NaN/Inf get ``-1`` codes
-    (as the fused pass marks rows it could not quantize)."""
-    from .beam import beam_encode
+    (as the fused pass marks rows it could not quantize). The beam-search kernel on CUDA, else
+    :func:`rqvae_fast.beam.beam_encode` (:func:`rqvae_fast.beam_path.encode_paths`)."""
+    from .beam_path import encode_paths
 
     finite = torch.isfinite(x).all(dim=1)
     if bool(finite.all()):
-        return beam_encode(x, books, beam_size)[0]
+        return encode_paths(x, books, beam_size)
     codes = torch.full((x.shape[0], len(books)), -1, dtype=torch.int64, device=x.device)
-    codes[finite] = beam_encode(x[finite], books, beam_size)[0]
+    codes[finite] = encode_paths(x[finite], books, beam_size)
     return codes
 
 

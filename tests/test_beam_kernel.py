@@ -197,6 +197,34 @@ def test_residual_quantize_takes_the_kernels_codes_when_told(monkeypatch):
     assert torch.equal(got, expected) and (got[:, 2] == -1).all() and (got[5] == -1).all()
 
 
+def test_rqkmeans_beam_ids_take_the_kernels_codes_when_told(monkeypatch):
+    """RQKMeans.get_semantic_ids(beam_size=) (and so `encode --beam-size`) goes through
+    beam_path.encode_paths: the kernel where use_beam_kernel says so, NaN rows still -1."""
+    from rqvae_fast import beam_path
+    from rqvae_fast.kmeans import RQKMeans
+    from rqvae_fast.kernels import beam_search as kernel
+
+    x, books = gaussian_data(30, 12, [6, 5, 7], seed=21)
+    model = RQKMeans(12, 3, [6, 5, 7])
+    with torch.no_grad():
+        for book, param in zip(books, model.vq.codebooks):
+            param.copy_(book)
+    x[3, 1] = float("nan")
+    expected = model.get_semantic_ids(x, beam_size=4)
+    calls = []
+    real = kernel.beam_search
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(beam_path, "use_beam_kernel", lambda *a, **k: True)
+    monkeypatch.setattr(kernel, "beam_search", spy)
+    got = model.get_semantic_ids(x, beam_size=4)
+    assert calls == [4]
+    assert torch.equal(got, expected) and (got[3] == -1).all()
+
+
 def test_dispatch_rule():
     from rqvae_fast import beam_path
     from rqvae_fast.kernels.config import MAX_BEAM

@@ -181,7 +181,7 @@ _POINTER_TYPES = {
     "forward": {"layer_start_ptr": "*i32", "idx_ptr": "*i64", "count_ptr": "*i32", "rescan_ptr": "*i32"},
     "input_grad": {"layer_start_ptr": "*i32", "idx_ptr": "*i64"},
 }
-_SCALAR_TYPES = {"N": "i32", "D": "i32", "num_active": "i32", "grad_out_scale": "fp32"}
+_SCALAR_TYPES = {"N": "i32", "D": "i32", "x_stride": "i32", "num_active": "i32", "grad_out_scale": "fp32"}
 
 
 def _source(fn, kernel: str, constexprs: Dict[str, object], dim: int):
@@ -195,7 +195,7 @@ def _source(fn, kernel: str, constexprs: Dict[str, object], dim: int):
             signature[name] = "constexpr"
         elif name in _SCALAR_TYPES:
             signature[name] = _SCALAR_TYPES[name]
-            if name == "D" and dim % 16 == 0:
+            if name in ("D", "x_stride") and dim % 16 == 0:  # x_stride = G * D
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = _POINTER_TYPES[kernel].get(name, "*fp32")

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .config import arch_family, forward_constexprs, forward_tiles, launch_options
 from .search import fast_score_bound, nearest_code, rescan
-from .tiles import chunk_tile, group_codebook_size
+from .tiles import chunk_tile
 from .traceable import traceable
 
 RESCAN_FIELDS = 3  # per layer: rows flagged, row tiles rescanned, code tiles scored exactly
@@ -119,28 +119,33 @@ def _residual_quantize_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
     NUM_DC: tl.constexpr,
+    GROUPED: tl.constexpr = False,  # G > 1 column groups (grid axis 1); False: G = 1, x_stride = D
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(N, BLOCK_M)
-    # Group g (grid axis 1): its column slice of x and out, its codebooks, norms, statistics,
-    # indices, loss partial sums, rescan counters and scratch. Every pointer below is the group's.
-    group = tl.program_id(1).to(tl.int64)
-    group_codes = group * group_codebook_size(layer_start_ptr, NUM_LAYERS)
-    x_ptr += group * D
-    out_ptr += group * D
-    codes_ptr += group_codes * D
-    search_ptr += group_codes * D
-    sq_norm_ptr += group_codes
-    count_ptr += group_codes
-    sum_ptr += group_codes * D
-    idx_ptr += group * N * NUM_LAYERS
-    sse_ptr += group * num_tiles * NUM_LAYERS
-    rescan_ptr += group * (NUM_LAYERS * 3)
     D_PAD: tl.constexpr = NUM_DC * BLOCK_DC
+    if GROUPED:
+        # Group g (grid axis 1): its column slice of x and out, its indices, loss partial sums,
+        # rescan counters and scratch. Its codes are rows [g K_total, (g + 1) K_total) of the
+        # stacked (G K_total, D) codes, norms and statistics: the layer bounds are shifted by
+        # g K_total (code_base) instead of offsetting five more pointers, so chosen indices are
+        # rows of the stacked arrays and the layer-local index is still best - k_start.
+        group = tl.program_id(1)
+        code_base = group * tl.load(layer_start_ptr + NUM_LAYERS)
+        x_ptr += group * D
+        out_ptr += group * D
+        idx_ptr += group.to(tl.int64) * N * NUM_LAYERS
+        sse_ptr += group * num_tiles * NUM_LAYERS
+        rescan_ptr += group * (NUM_LAYERS * 3)
+        program = group * num_programs + pid
+    else:  # one group: the stride is D and nothing is offset
+        code_base = 0
+        x_stride = D
+        program = pid
     dcs = tl.arange(0, BLOCK_DC)
     local = tl.arange(0, BLOCK_M)[:, None] * D_PAD + dcs[None, :]
-    res_scratch = scratch_ptr + (group * num_programs + pid) * (2 * BLOCK_M * D_PAD)
+    res_scratch = scratch_ptr + program.to(tl.int64) * (2 * BLOCK_M * D_PAD)
     tot_scratch = res_scratch + BLOCK_M * D_PAD
 
     for tile in range(pid, num_tiles, num_programs):
@@ -171,8 +176,8 @@ def _residual_quantize_fwd_kernel(
             tl.debug_barrier()
 
         for layer in range(num_active):
-            k_start = tl.load(layer_start_ptr + layer)
-            k_end = tl.load(layer_start_ptr + layer + 1)
+            k_start = tl.load(layer_start_ptr + layer) + code_base
+            k_end = tl.load(layer_start_ptr + layer + 1) + code_base
 
             # --- nearest code ---------------------------------------------------------------
             best, best_idx, second, max_sq = nearest_code(
@@ -330,7 +335,7 @@ def residual_quantize_forward_grouped(
         raise ValueError(f"x has {x.shape[1]} columns, expected groups ({groups}) x dim ({dim})")
     num_layers = len(layer_sizes)
     num_active = check_active(active, num_layers)
-    tiles = forward_tiles(dim, precision, device_arch(x.device))
+    tiles = forward_tiles(dim, precision, device_arch(x.device), grouped=groups > 1)
     num_tiles = triton.cdiv(n, tiles.block_m)
     # the persistent grid's size cap is shared by the groups (at least one program per group)
     programs = torch.sym_min(num_tiles, max(1, max_programs(x.device) // groups))
@@ -346,7 +351,8 @@ def residual_quantize_forward_grouped(
     rescans = torch.zeros((groups, num_layers, 3), dtype=torch.int32, device=x.device)
     if n > 0 and groups > 0:
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing, precision=precision,
-                                    with_stats=with_stats, emulate=x.device.type == "cpu")
+                                    with_stats=with_stats, emulate=x.device.type == "cpu",
+                                    grouped=groups > 1)
         traceable(_residual_quantize_fwd_kernel)[(programs, groups)](
             x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts,
             sums, scratch, rescans, n, dim, groups * dim, num_active, **consts, **launch_options(tiles),

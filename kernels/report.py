@@ -33,6 +33,7 @@ from .config import KERNELS, LaunchConfig, launch_configs, launch_options
 DIMS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 FORWARD_PRECISIONS = ("ieee", "tf32", "bf16", "exact")
 ROUTINGS = (0, 1, 2)
+GROUPED_CI_DIMS = (64, 128, 192, 256, 384, 768)
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ def pick_ptxas(candidates: Sequence[str], arch: str = "sm_90a") -> Tuple[Optiona
 
 def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[str] = KERNELS,
                    precisions: Iterable[str] = FORWARD_PRECISIONS, stats: Iterable[bool] = (False, True),
-                   routings: Iterable[int] = ROUTINGS) -> List[Row]:
+                   routings: Iterable[int] = ROUTINGS, grouped: Iterable[bool] = (False, True)) -> List[Row]:
     """One row per distinct launch configuration (duplicates, e.g. input-grad launches that do
     not depend on precision, appear once)."""
     rows, seen = [], set()
@@ -281,8 +282,10 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
                 for precision in (precisions if kernel == "forward" else ("-",)):
                     for with_stats in (stats if kernel == "forward" else (False,)):
                         for routing in routings:
-                            for cfg in launch_configs(kernel, dim, precision if kernel == "forward" else "ieee",
-                                                      with_stats, routing, family):
+                            for cfg in (c for g in (grouped if kernel == "forward" else (False,))
+                                        for c in launch_configs(kernel, dim,
+                                                                precision if kernel == "forward" else "ieee",
+                                                                with_stats, routing, family, grouped=g)):
                                 variant = _variant(cfg)
                                 key = (arch, dim, kernel, variant, tuple(sorted(cfg.constexprs.items())),
                                        cfg.num_warps, cfg.num_stages, cfg.max_registers)
@@ -299,19 +302,24 @@ def _variant(cfg: LaunchConfig) -> str:
     if cfg.kernel == "input_grad":
         return ("grad_out" if cfg.constexprs["HAS_GRAD_OUT"] else "no_grad_out") + \
             f",commit={cfg.constexprs['COMMIT_LAYERS']}"
-    return ""
+    return "grouped" if cfg.constexprs.get("GROUPED") else ""
 
 
 def ci_subset(archs: Iterable[str]) -> List[Row]:
-    """The CI test's rows (about 160, a few minutes on 2 cores): every D, precision and kernel on
+    """The CI test's rows (about 210, a few minutes on 2 cores): every D, precision and kernel on
     every arch, the forward with statistics and the ``full`` routing (the most registers), the
     input gradient with every layer's term and an output gradient (the most loads); plus the other
     routings and no statistics for the tf32 and exact searches at D 64 (registers path) and 768
-    (scratch path). The full matrix runs from the CLI."""
-    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,))
+    (scratch path), and the grouped forward at ``GROUPED_CI_DIMS``. The full matrix runs from the
+    CLI."""
+    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,), grouped=(False,))
     for routings, stats in (((0, 2), (True,)), ((1,), (False,))):
         rows += enumerate_rows(archs, (64, 768), kernels=("forward",), precisions=("tf32", "exact"),
-                               stats=stats, routings=routings)
+                               stats=stats, routings=routings, grouped=(False,))
+    # the grouped forward (G > 1 column groups, its group offsets): every precision at the Ds
+    # where sm_80's configurations are tightest, and one each of the register and scratch paths
+    rows += enumerate_rows(archs, GROUPED_CI_DIMS, kernels=("forward",), stats=(True,), routings=(1,),
+                           grouped=(True,))
     grads = enumerate_rows(archs, DIMS, kernels=("input_grad",), routings=(1,))
     rows += [r for r in grads if r.variant.startswith("grad_out")]
     rows += [r for r in enumerate_rows(archs, (64, 768), kernels=("input_grad",), routings=(0,))

@@ -146,10 +146,56 @@ def test_beam_search_parity(train, beam, cosine):
             train=train, skip_state=skip)
 
 
+GROUPED_CASES = {  # (constructor options, forward options, masked, train, groups run in one pass)
+    "defaults": (dict(), {}, False, True, True),
+    "straight_through_masked": (dict(rotation_trick=False), {}, True, True, True),
+    "learnable": (dict(learnable_codebook=True, ema_update=False), {}, False, True, True),
+    "quantize_dropout": (dict(num_quantizers=4, quantize_dropout=True), {}, False, True, True),
+    "projection": (dict(codebook_dim=3), {}, False, True, True),
+    "eval": (dict(), {}, False, False, True),
+    "frozen": (dict(), dict(freeze_codebook=True), False, True, True),
+    "kmeans_first_call": (dict(kmeans_init=True), {}, False, True, False),
+    "cosine": (dict(use_cosine_sim=True), {}, False, True, False),
+}
+
+
 @needs_vqp
-def test_grouped_residual_vq_parity():
-    kwargs = dict(dim=12, groups=3, num_quantizers=2, codebook_size=16)
-    compare(lambda: TheirGRVQ(**kwargs), lambda: GroupedResidualVQ(**kwargs), dim=12)
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_residual_vq_parity(case, monkeypatch):
+    options, forward, masked, train, one_pass = GROUPED_CASES[case]
+    kwargs = dict(dict(dim=12, groups=3, num_quantizers=2, codebook_size=16), **options)
+    import rqvae_fast.compat as compat_module
+
+    calls = []
+    real = compat_module.residual_quantize_grouped
+    monkeypatch.setattr(compat_module, "residual_quantize_grouped",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    compare(lambda: TheirGRVQ(**kwargs), lambda: GroupedResidualVQ(**kwargs), dim=12, masked=masked,
+            train=train, batch=1 if "dead" in case else 3, **forward)
+    assert len(calls) == (1 if one_pass else 0)  # all groups in one grouped call, or group by group
+
+
+@pytest.mark.parametrize("options", [dict(threshold_ema_dead_code=2), dict(rotation_trick=False, learnable_codebook=True,
+                                                                         ema_update=False, quantize_dropout=True)])
+def test_grouped_one_pass_equals_group_by_group(options, monkeypatch):
+    """The one-launch path against our own group-by-group path (same random draws), including
+    dead-code re-seeding (where vector-quantize-pytorch 1.32's grouped module differs, see COMPAT.md)."""
+    kwargs = dict(dim=12, groups=3, num_quantizers=3, codebook_size=16, **options)
+    torch.manual_seed(0)
+    one = GroupedResidualVQ(**kwargs)
+    other = GroupedResidualVQ(**kwargs)
+    other.load_state_dict(one.state_dict())
+    monkeypatch.setattr(other, "_one_pass", lambda *a: False)
+    gen = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(1, 40, 12, generator=gen) * 2, torch.randn(1, 40, 12, generator=gen)
+    results = []
+    for model in (one, other):
+        torch.manual_seed(7)
+        results.append(one_step(model, x, grad))
+    (q1, i1, l1, g1, s1), (q2, i2, l2, g2, s2) = results
+    assert torch.equal(i1, i2)
+    for a, b in [(q1, q2), (l1, l2)] + list(zip(g1, g2)) + [(s1[k], s2[k]) for k in s1]:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

@@ -154,7 +154,6 @@ GROUPED_CASES = {  # (constructor options, forward options, masked, train, group
     "projection": (dict(codebook_dim=3), {}, False, True, True),
     "eval": (dict(), {}, False, False, True),
     "frozen": (dict(), dict(freeze_codebook=True), False, True, True),
-    "kmeans_first_call": (dict(kmeans_init=True), {}, False, True, False),
     "cosine": (dict(use_cosine_sim=True), {}, False, True, False),
 }
 
@@ -173,6 +172,22 @@ def test_grouped_residual_vq_parity(case, monkeypatch):
     compare(lambda: TheirGRVQ(**kwargs), lambda: GroupedResidualVQ(**kwargs), dim=12, masked=masked,
             train=train, batch=1 if "dead" in case else 3, **forward)
     assert len(calls) == (1 if one_pass else 0)  # all groups in one grouped call, or group by group
+
+
+def test_grouped_kmeans_init_runs_group_by_group_once(monkeypatch):
+    import rqvae_fast.compat as compat_module
+
+    calls = []
+    real = compat_module.residual_quantize_grouped
+    monkeypatch.setattr(compat_module, "residual_quantize_grouped",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, kmeans_init=True)
+    x = torch.randn(2, 30, 8)
+    model(x)  # k-means init, group by group (theirs draws in that order)
+    assert calls == [] and all(not rvq._needs_init for rvq in model.rvqs)
+    _, indices, _ = model(x)
+    assert calls == [1] and indices.shape == (2, 2, 30, 2)
 
 
 @pytest.mark.parametrize("options", [dict(threshold_ema_dead_code=2), dict(rotation_trick=False, learnable_codebook=True,

@@ -146,14 +146,16 @@ def input_grad_tiles(dim: int, arch: str) -> TileConfig:
 
 
 def forward_constexprs(tiles: TileConfig, *, num_layers: int, routing: int, precision: str,
-                       with_stats: bool, emulate: bool, grouped: bool = False) -> Dict[str, object]:
+                       with_stats: bool, emulate: bool, grouped: bool = False,
+                       cosine: int = 0) -> Dict[str, object]:
     """The forward kernel's compile-time arguments (launcher and report build them here).
-    ``grouped``: G > 1 column groups in one launch (``GROUPED``; G = 1 compiles without it)."""
+    ``grouped``: G > 1 column groups in one launch (``GROUPED``; G = 1 compiles without it);
+    ``cosine``: the cosine-codebook epilogue (``COSINE``: 0 off, 1 or 2, see the launcher)."""
     search = "tf32x3" if precision == "exact" else precision
     return dict(NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats, SEARCH=search,
                 EXACT=precision == "exact", EMULATE=emulate, BLOCK_M=tiles.block_m,
                 BLOCK_K=tiles.block_k, BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks,
-                GROUPED=grouped)
+                GROUPED=grouped, COSINE=cosine)
 
 
 def input_grad_constexprs(tiles: TileConfig, *, num_layers: int, commit_layers: int,
@@ -163,19 +165,21 @@ def input_grad_constexprs(tiles: TileConfig, *, num_layers: int, commit_layers: 
 
 
 def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, routing: int,
-                   arch: str, num_layers: int = 3, grouped: bool = False) -> List[LaunchConfig]:
+                   arch: str, num_layers: int = 3, grouped: bool = False,
+                   cosine: int = 0) -> List[LaunchConfig]:
     """Every launch a launcher can make for these arguments on a GPU of family ``arch``.
 
     ``input_grad`` ignores precision and stats; its launches differ by routing (which layers'
     commitment terms reach the input) and by whether an output gradient is given (its group
     offsets are runtime values: one compile for every G). ``grouped``: the forward over G > 1
-    column groups (``residual_quantize_grouped``), a variant of its own.
+    column groups (``residual_quantize_grouped``), a variant of its own; ``cosine``: the forward
+    with the cosine-codebook epilogue (``compat.ResidualVQ(use_cosine_sim=True)``, layer_ste routing).
     """
     if kernel == "forward":
         tiles = forward_tiles(dim, precision, arch, grouped=grouped)
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing,
                                     precision=precision, with_stats=with_stats, emulate=False,
-                                    grouped=grouped)
+                                    grouped=grouped, cosine=cosine)
         return [LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages, tiles.max_registers)]
     if kernel == "input_grad":
         tiles = input_grad_tiles(dim, arch)

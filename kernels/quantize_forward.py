@@ -43,6 +43,7 @@ from .search import fast_score_bound, nearest_code, rescan
 from .tiles import chunk_tile
 from .traceable import traceable
 
+NORM_EPS = tl.constexpr(1e-6)  # cosine epilogue: n = r / max(|r|, NORM_EPS), as rqvae_fast.rotation
 RESCAN_FIELDS = 3  # per layer: rows flagged, row tiles rescanned, code tiles scored exactly
 
 
@@ -56,19 +57,28 @@ def _load_rows(x_ptr, rows, dims, N, D, x_stride):
 
 
 @triton.jit
-def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D,
-                  ROUTING: tl.constexpr, WITH_STATS: tl.constexpr):
+def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D, r_norm,
+                  ROUTING: tl.constexpr, WITH_STATS: tl.constexpr, COSINE: tl.constexpr):
     """One chunk of the layer step: gather the chosen code, scatter statistics, route.
 
     Returns the next residual and running output chunks, and the chunk's per-row squared error
-    and next-residual squared norm.
+    and next-residual squared norm. ``COSINE`` (cosine codebooks): the statistics sum the
+    normalised row ``n = r / r_norm`` (``r_norm (BLOCK_M,)`` = ``max(|r|, eps)``) and the error is
+    ``e - n`` (``COSINE == 1``) or ``e - r`` (``COSINE == 2``); the residual and output are as
+    without it.
     """
     code_mask = row_ok[:, None] & (dims < D)[None, :]
     code_offsets = best_idx.to(tl.int64)[:, None] * D + dims[None, :]
     chosen = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0.0).to(tl.float32)
     err = chosen - r
+    loss_err = err
+    stat = r
+    if COSINE != 0:
+        stat = r / r_norm[:, None]
+        if COSINE == 1:
+            loss_err = chosen - stat
     if WITH_STATS:
-        tl.atomic_add(sum_ptr + code_offsets, r, mask=code_mask, sem="relaxed")
+        tl.atomic_add(sum_ptr + code_offsets, stat, mask=code_mask, sem="relaxed")
     if ROUTING == 0:    # seed: the next residual subtracts the straight-through output
         straight_through = r + err
         t = t + straight_through
@@ -79,7 +89,7 @@ def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D,
     else:               # layer_ste: a straight-through output per layer, detached residual
         t = t + (r + err)
         r_next = r - chosen
-    return r_next, t, tl.sum(err * err, axis=1), tl.sum(r_next * r_next, axis=1)
+    return r_next, t, tl.sum(loss_err * loss_err, axis=1), tl.sum(r_next * r_next, axis=1)
 
 
 @triton.jit
@@ -120,6 +130,7 @@ def _residual_quantize_fwd_kernel(
     BLOCK_DC: tl.constexpr,
     NUM_DC: tl.constexpr,
     GROUPED: tl.constexpr = False,  # G > 1 column groups (grid axis 1); False: G = 1, x_stride = D
+    COSINE: tl.constexpr = 0,       # cosine codebooks' epilogue: 0 off, 1 target n = r/|r|, 2 target r
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -203,9 +214,13 @@ def _residual_quantize_fwd_kernel(
                               sem="relaxed")
 
             # --- gather, residual update, loss partial, statistics ---------------------------
+            r_norm = r_sq
+            if COSINE != 0:
+                r_norm = tl.maximum(tl.sqrt(r_sq), NORM_EPS)
             if NUM_DC == 1:
                 r_regs, t_regs, row_sse, r_sq = _update_chunk(
-                    r_regs, t_regs, codes_ptr, sum_ptr, best_idx, row_ok, dcs, D, ROUTING, WITH_STATS)
+                    r_regs, t_regs, codes_ptr, sum_ptr, best_idx, row_ok, dcs, D, r_norm, ROUTING,
+                    WITH_STATS, COSINE)
             else:
                 tl.debug_barrier()  # every warp is done reading this layer's residual
                 row_sse = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -214,8 +229,8 @@ def _residual_quantize_fwd_kernel(
                     r = tl.load(res_scratch + local + c * BLOCK_DC)
                     t = tl.load(tot_scratch + local + c * BLOCK_DC)
                     r, t, chunk_sse, chunk_sq = _update_chunk(
-                        r, t, codes_ptr, sum_ptr, best_idx, row_ok, c * BLOCK_DC + dcs, D, ROUTING,
-                        WITH_STATS)
+                        r, t, codes_ptr, sum_ptr, best_idx, row_ok, c * BLOCK_DC + dcs, D, r_norm,
+                        ROUTING, WITH_STATS, COSINE)
                     row_sse += chunk_sse
                     r_sq += chunk_sq
                     tl.store(res_scratch + local + c * BLOCK_DC, r)
@@ -285,6 +300,7 @@ def residual_quantize_forward(
     with_stats: bool,
     rescan_counts: bool = False,
     active: Optional[int] = None,
+    cosine: int = 0,
 ) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward.
 
@@ -298,10 +314,14 @@ def residual_quantize_forward(
     the rows the exact mode flagged, the row tiles it rescanned and the code tiles it scored exactly.
     ``active``: run only the first ``active`` layers (``0 <= active <= L``; ``None``: all); the
     others get index -1, loss 0 and zero statistics. A runtime value: no recompilation per value.
+    ``cosine``: the epilogue of cosine codebooks (unit codes): ``sse`` sums ``|e_l - n_l|^2`` with
+    ``n_l = r_l / max(|r_l|, 1e-6)`` (``1``) or ``|e_l - r_l|^2`` (``2``: vector-quantize-pytorch
+    1.32's target with a mask), and ``sums`` the ``n_l``; ``0``: off.
     """
     out = residual_quantize_forward_grouped(
         x, codes[None], search_codes[None], sq_norms[None], layer_starts, layer_sizes, routing=routing,
-        precision=precision, with_stats=with_stats, rescan_counts=rescan_counts, active=active)
+        precision=precision, with_stats=with_stats, rescan_counts=rescan_counts, active=active,
+        cosine=cosine)
     return (out[0],) + tuple(t[0] for t in out[1:])
 
 
@@ -318,6 +338,7 @@ def residual_quantize_forward_grouped(
     with_stats: bool,
     rescan_counts: bool = False,
     active: Optional[int] = None,
+    cosine: int = 0,
 ) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward for ``G`` independent residual quantizers over column groups, in
     one launch (grid ``(programs, G)``).
@@ -352,7 +373,7 @@ def residual_quantize_forward_grouped(
     if n > 0 and groups > 0:
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing, precision=precision,
                                     with_stats=with_stats, emulate=x.device.type == "cpu",
-                                    grouped=groups > 1)
+                                    grouped=groups > 1, cosine=cosine)
         traceable(_residual_quantize_fwd_kernel)[(programs, groups)](
             x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts,
             sums, scratch, rescans, n, dim, groups * dim, num_active, **consts, **launch_options(tiles),

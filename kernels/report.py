@@ -271,7 +271,8 @@ def pick_ptxas(candidates: Sequence[str], arch: str = "sm_90a") -> Tuple[Optiona
 
 def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[str] = KERNELS,
                    precisions: Iterable[str] = FORWARD_PRECISIONS, stats: Iterable[bool] = (False, True),
-                   routings: Iterable[int] = ROUTINGS, grouped: Iterable[bool] = (False, True)) -> List[Row]:
+                   routings: Iterable[int] = ROUTINGS, grouped: Iterable[bool] = (False, True),
+                   cosine: Iterable[int] = (0, 1)) -> List[Row]:
     """One row per distinct launch configuration (duplicates, e.g. input-grad launches that do
     not depend on precision, appear once)."""
     rows, seen = [], set()
@@ -282,10 +283,14 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
                 for precision in (precisions if kernel == "forward" else ("-",)):
                     for with_stats in (stats if kernel == "forward" else (False,)):
                         for routing in routings:
-                            for cfg in (c for g in (grouped if kernel == "forward" else (False,))
-                                        for c in launch_configs(kernel, dim,
-                                                                precision if kernel == "forward" else "ieee",
-                                                                with_stats, routing, family, grouped=g)):
+                            variants = [(g, c) for g in (grouped if kernel == "forward" else (False,))
+                                        for c in (cosine if kernel == "forward" else (0,))
+                                        if c == 0 or (routing == 2 and not g)]  # cosine: compat's only
+                            for cfg in (cfg for g, c in variants
+                                        for cfg in launch_configs(kernel, dim,
+                                                                  precision if kernel == "forward" else "ieee",
+                                                                  with_stats, routing, family, grouped=g,
+                                                                  cosine=c)):
                                 variant = _variant(cfg)
                                 key = (arch, dim, kernel, variant, tuple(sorted(cfg.constexprs.items())),
                                        cfg.num_warps, cfg.num_stages, cfg.max_registers)
@@ -302,24 +307,30 @@ def _variant(cfg: LaunchConfig) -> str:
     if cfg.kernel == "input_grad":
         return ("grad_out" if cfg.constexprs["HAS_GRAD_OUT"] else "no_grad_out") + \
             f",commit={cfg.constexprs['COMMIT_LAYERS']}"
-    return "grouped" if cfg.constexprs.get("GROUPED") else ""
+    parts = (["grouped"] if cfg.constexprs.get("GROUPED") else []) + \
+        (["cosine"] if cfg.constexprs.get("COSINE") else [])
+    return ",".join(parts)
 
 
 def ci_subset(archs: Iterable[str]) -> List[Row]:
-    """The CI test's rows (about 210, a few minutes on 2 cores): every D, precision and kernel on
+    """The CI test's rows (about 260, a few minutes on 2 cores): every D, precision and kernel on
     every arch, the forward with statistics and the ``full`` routing (the most registers), the
     input gradient with every layer's term and an output gradient (the most loads); plus the other
     routings and no statistics for the tf32 and exact searches at D 64 (registers path) and 768
-    (scratch path), and the grouped forward at ``GROUPED_CI_DIMS``. The full matrix runs from the
-    CLI."""
-    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,), grouped=(False,))
+    (scratch path), and the grouped forward and the cosine epilogue at ``GROUPED_CI_DIMS``. The
+    full matrix runs from the CLI."""
+    plain = dict(grouped=(False,), cosine=(0,))
+    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,), **plain)
     for routings, stats in (((0, 2), (True,)), ((1,), (False,))):
         rows += enumerate_rows(archs, (64, 768), kernels=("forward",), precisions=("tf32", "exact"),
-                               stats=stats, routings=routings, grouped=(False,))
+                               stats=stats, routings=routings, **plain)
     # the grouped forward (G > 1 column groups, its group offsets): every precision at the Ds
     # where sm_80's configurations are tightest, and one each of the register and scratch paths
     rows += enumerate_rows(archs, GROUPED_CI_DIMS, kernels=("forward",), stats=(True,), routings=(1,),
-                           grouped=(True,))
+                           grouped=(True,), cosine=(0,))
+    # the cosine epilogue (compat's use_cosine_sim: layer_ste routing, statistics): same Ds
+    rows += enumerate_rows(archs, GROUPED_CI_DIMS, kernels=("forward",), stats=(True,), routings=(2,),
+                           grouped=(False,), cosine=(1,))
     grads = enumerate_rows(archs, DIMS, kernels=("input_grad",), routings=(1,))
     rows += [r for r in grads if r.variant.startswith("grad_out")]
     rows += [r for r in enumerate_rows(archs, (64, 768), kernels=("input_grad",), routings=(0,))

@@ -11,7 +11,9 @@ dropout and shared codebooks without dead-code reset run all active layers in on
 (:func:`rqvae_fast.functional.residual_quantize` with ``grad_mode="rotation"`` or ``"layer_ste"``;
 quantize dropout passes every codebook and the cutoff as ``active_layers``, a runtime value of the
 kernel, so no cutoff compiles a kernel of its own);
-``use_cosine_sim`` uses the fused search plus one chunked pass (:mod:`rqvae_fast.cosine`); beam
+``use_cosine_sim`` runs in the fused kernels too on the Triton path (their cosine epilogue; the
+PyTorch path: the fused search plus one chunked pass, :mod:`rqvae_fast.cosine`);
+``GroupedResidualVQ`` runs all its groups in one grouped fused pass where it can; beam
 search, Gumbel sampling, implicit neural codebooks, ``quant_grad_frac`` and shared codebooks with
 dead-code reset go layer by layer (:mod:`rqvae_fast.compat_layers`), as their code does.
 
@@ -35,7 +37,9 @@ import torch.nn as nn
 from . import distributed
 from .compat_layers import ImplicitCodebookMLP, forward_layers
 from .compat_reference import l2norm
-from .cosine import CosineQuantizeFunction
+from .backend import use_triton
+from .cosine import CosineQuantizeFunction, FusedCosineQuantizeFunction
+from .precision import resolve_precision
 from ._validation import check_finite as _check_finite
 from .functional import residual_quantize
 from .grouped import residual_quantize_grouped
@@ -533,12 +537,16 @@ class ResidualVQ(nn.Module):
 
     def _forward_cosine(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool,
                         raw_target: bool):
-        """``use_cosine_sim``: indices from the fused search (unit codes), losses, statistics and the
-        input gradient from :class:`rqvae_fast.cosine.CosineQuantizeFunction`; then the EMA step."""
+        """``use_cosine_sim``: on the Triton path one fused pass with the kernels' cosine epilogue
+        (:class:`rqvae_fast.cosine.FusedCosineQuantizeFunction`); otherwise indices from the fused
+        search (unit codes), then losses, statistics and the input gradient from
+        :class:`rqvae_fast.cosine.CosineQuantizeFunction`. Then the EMA step."""
         layers = list(self.layers[:active])
         every_book = [layer.codebook.detach() for layer in self.layers]
         books = every_book[:active]
         sizes = tuple(layer.codebook_size for layer in layers)
+        if use_triton(self.backend, rows.device):
+            return self._forward_cosine_fused(rows, active, freeze_codebook, sync, raw_target, every_book)
         with torch.no_grad():  # every codebook, the cutoff a runtime value (one kernel per Q)
             indices = residual_quantize(rows.detach(), every_book, 0.0, grad_mode="layer_ste",
                                         codebook_loss=False, precision=self.precision,
@@ -563,6 +571,27 @@ class ResidualVQ(nn.Module):
             indices = torch.cat((indices, indices.new_full((indices.shape[0], dropped), -1)), dim=1)
             losses = torch.cat((losses, losses.new_zeros(dropped)))
         return quantized, indices, losses
+
+    def _forward_cosine_fused(self, rows, active, freeze_codebook, sync, raw_target, every_book):
+        """:meth:`_forward_cosine` in one fused launch each way (every codebook in, the cutoff a
+        runtime value; dropped layers: index -1, loss 0, no statistics)."""
+        sizes = tuple(layer.codebook_size for layer in self.layers)
+        update = self.training and not freeze_codebook and (self.ema_update or self.threshold_ema_dead_code > 0)
+        if self.check_finite:
+            for number, book in enumerate(every_book):
+                _check_finite(book, f"codebook {number}")
+        rotation = self.training and self.rotation_trick
+        with contextlib.nullcontext() if self.training else torch.no_grad():
+            quantized, indices, losses, counts, sums = FusedCosineQuantizeFunction.apply(
+                rows, torch.cat(every_book), sizes, self.commitment_weight, rotation, raw_target,
+                resolve_precision(self.precision), update, active)
+        if not self.training or self.commitment_weight <= 0:
+            losses = torch.zeros_like(losses)
+        if update:
+            k_active = sum(sizes[:active])
+            self._cosine_codebook_step(rows.detach(), list(self.layers[:active]), indices[:, :active],
+                                       counts[:k_active], sums[:k_active], sync)
+        return quantized.to(rows.dtype), indices, losses
 
     @torch.no_grad()
     def _cosine_codebook_step(self, rows, layers, indices, counts, sums, sync: bool) -> None:

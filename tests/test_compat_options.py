@@ -352,3 +352,27 @@ def test_check_finite_names_the_bad_row_on_every_path(option):
     x[0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="first bad row: 3"):
         model(x)
+
+
+# --- cosine codebooks inside the fused kernels (backend="triton": the interpreter on CPU) -------
+
+@needs_vqp
+@pytest.mark.skipif(not __import__("rqvae_fast").HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("case", ["cosine", "cosine_straight_through", "quantize_dropout_cosine",
+                                  "cosine_dead_codes"])
+def test_cosine_epilogue_in_the_kernel_matches_theirs(case, masked, train, monkeypatch):
+    import rqvae_fast.compat as compat_module
+    from rqvae_fast.cosine import CosineQuantizeFunction, FusedCosineQuantizeFunction
+
+    options = dict(CASES.get(case, dict(use_cosine_sim=True, threshold_ema_dead_code=2)))
+    kwargs = {**BASE, **options}
+    calls = []
+    monkeypatch.setattr(compat_module, "FusedCosineQuantizeFunction", type(
+        "Counting", (), {"apply": staticmethod(lambda *a: calls.append(1) or FusedCosineQuantizeFunction.apply(*a))}))
+    monkeypatch.setattr(compat_module, "CosineQuantizeFunction", None)  # the chunked pass must not run
+    assert CosineQuantizeFunction is not None
+    compare(lambda: TheirRVQ(**kwargs), lambda: ResidualVQ(**kwargs, backend="triton"), dim=kwargs["dim"],
+            masked=masked, train=train, batch=1 if "dead" in case else 3)
+    assert calls == [1]

@@ -91,7 +91,9 @@ def test_matrix_and_ci_subset_cover_every_dim_precision_kernel_arch(report):
         for dim in report.GROUPED_CI_DIMS:
             for precision in report.FORWARD_PRECISIONS:
                 assert (arch, dim, precision) in grouped
-    assert {r.variant for r in full if r.kernel == "forward"} == {"", "grouped"}
+    cosine = {(r.arch, r.dim, r.precision) for r in ci if r.variant == "cosine"}
+    assert grouped == cosine  # the cosine epilogue: same coverage
+    assert {r.variant for r in full if r.kernel == "forward"} == {"", "grouped", "cosine"}
 
 
 def test_grouped_tiles_differ_only_where_values_cannot(report):

@@ -70,7 +70,7 @@ def arch_family(capability_major: int) -> str:
     return "sm90" if capability_major >= 9 else "sm80"
 
 
-def forward_tiles(dim: int, precision: str, arch: str, grouped: bool = False) -> TileConfig:
+def forward_tiles(dim: int, precision: str, arch: str, grouped: bool = False, cosine: bool = False) -> TileConfig:
     """Tiles of the fused forward, per (precision, arch family); chosen with the compile report
     (zero spills, tensor cores for tf32/bf16 at every D, at most 255 registers at 4 warps).
 
@@ -88,6 +88,9 @@ def forward_tiles(dim: int, precision: str, arch: str, grouped: bool = False) ->
     if grouped:  # the group offsets cost registers: a few of sm_80's tightest rows spill otherwise
         family = "ieee" if precision == "exact" else precision
         tiles = tiles._replace(**_GROUPED_TILES.get((arch, family, padded_dim(dim)), {}))
+    if cosine:  # the epilogue's normalised row costs registers too
+        family = "ieee" if precision == "exact" else precision
+        tiles = tiles._replace(**_COSINE_TILES.get((arch, family, padded_dim(dim)), {}))
     return tiles
 
 
@@ -95,6 +98,11 @@ def forward_tiles(dim: int, precision: str, arch: str, grouped: bool = False) ->
 # TileConfig fields ("ieee" covers "exact"): each spilled with the ungrouped tiles. Only BLOCK_K
 # changes: scores, tie rules and so indices do not depend on it.
 _GROUPED_TILES = {("sm80", "bf16", 128): dict(block_k=32), ("sm80", "ieee", 192): dict(block_k=32)}
+
+
+# Cosine-epilogue forward exceptions, the same way (compile report, rows "cosine").
+_COSINE_TILES = {("sm90", "tf32", 192): dict(block_k=32), **{("sm90", "bf16", d): dict(block_k=32)
+                                                             for d in (384, 512, 768, 1024)}}
 
 
 def _forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
@@ -176,7 +184,7 @@ def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, rout
     with the cosine-codebook epilogue (``compat.ResidualVQ(use_cosine_sim=True)``, layer_ste routing).
     """
     if kernel == "forward":
-        tiles = forward_tiles(dim, precision, arch, grouped=grouped)
+        tiles = forward_tiles(dim, precision, arch, grouped=grouped, cosine=bool(cosine))
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing,
                                     precision=precision, with_stats=with_stats, emulate=False,
                                     grouped=grouped, cosine=cosine)

@@ -356,7 +356,7 @@ def residual_quantize_forward_grouped(
         raise ValueError(f"x has {x.shape[1]} columns, expected groups ({groups}) x dim ({dim})")
     num_layers = len(layer_sizes)
     num_active = check_active(active, num_layers)
-    tiles = forward_tiles(dim, precision, device_arch(x.device), grouped=groups > 1)
+    tiles = forward_tiles(dim, precision, device_arch(x.device), grouped=groups > 1, cosine=cosine != 0)
     num_tiles = triton.cdiv(n, tiles.block_m)
     # the persistent grid's size cap is shared by the groups (at least one program per group)
     programs = torch.sym_min(num_tiles, max(1, max_programs(x.device) // groups))

@@ -97,16 +97,18 @@ def test_matrix_and_ci_subset_cover_every_dim_precision_kernel_arch(report):
 
 
 def test_grouped_tiles_differ_only_where_values_cannot(report):
-    """The grouped forward's own tiles may change BLOCK_K and warps (per-code scores, tie rules
+    """The grouped and cosine forwards' own tiles may change BLOCK_K and warps (per-code scores, tie rules
     and so indices do not depend on them), never the rows' chunking of D (the dot's order)."""
     from rqvae_fast.kernels.config import forward_tiles
 
     for precision in ("ieee", "tf32", "bf16", "exact"):
         for arch in ("sm80", "sm90"):
             for dim in report.DIMS:
-                plain, grouped = forward_tiles(dim, precision, arch), forward_tiles(dim, precision, arch, grouped=True)
-                assert (grouped.block_dc, grouped.num_chunks) == (plain.block_dc, plain.num_chunks)
-                assert grouped.block_m == plain.block_m
+                plain = forward_tiles(dim, precision, arch)
+                for variant in (dict(grouped=True), dict(cosine=True)):
+                    other = forward_tiles(dim, precision, arch, **variant)
+                    assert (other.block_dc, other.num_chunks, other.block_m) == (
+                        plain.block_dc, plain.num_chunks, plain.block_m)
 
 
 def test_report_uses_the_launchers_table(report, monkeypatch):

@@ -85,7 +85,7 @@ def residual_quantize_input_grad(
     """``(N, D)`` gradient of the input, in x's dtype; see the module docstring. ``active``: the
     forward's number of active layers (``None``: all)."""
     return residual_quantize_input_grad_grouped(
-        grad_out, x, codes[None], layer_starts, indices[None], coef[None], commit_layers=commit_layers,
+        grad_out, x, codes, layer_starts, indices, coef, commit_layers=commit_layers,
         grad_out_scale=grad_out_scale, active=active)
 
 
@@ -103,8 +103,9 @@ def residual_quantize_input_grad_grouped(
 ) -> torch.Tensor:
     """``(N, G * D)`` input gradient of ``G`` column groups in one launch (grid axis 2 = group):
     grad_out and x ``(N, G * D)`` contiguous, codes ``(G, K_total, D)``, indices ``(G, N, L)``,
-    coef ``(G, L)`` fp32, all contiguous; the rest as :func:`residual_quantize_input_grad`."""
-    groups, _, dim = codes.shape
+    coef ``(G, L)`` fp32, all contiguous (2-D codes, indices and 1-D coef: one group); the rest as
+    :func:`residual_quantize_input_grad`."""
+    groups, dim = (codes.shape[0], codes.shape[2]) if codes.dim() == 3 else (1, codes.shape[1])
     n = x.shape[0]
     num_active = check_active(active, indices.shape[-1])
     tiles = input_grad_tiles(dim, device_arch(x.device))

@@ -318,11 +318,11 @@ def residual_quantize_forward(
     ``n_l = r_l / max(|r_l|, 1e-6)`` (``1``) or ``|e_l - r_l|^2`` (``2``: vector-quantize-pytorch
     1.32's target with a mask), and ``sums`` the ``n_l``; ``0``: off.
     """
-    out = residual_quantize_forward_grouped(
-        x, codes[None], search_codes[None], sq_norms[None], layer_starts, layer_sizes, routing=routing,
+    # outputs allocated without the group dim (not views: a traced triton_op may not return views)
+    return residual_quantize_forward_grouped(
+        x, codes, search_codes, sq_norms, layer_starts, layer_sizes, routing=routing,
         precision=precision, with_stats=with_stats, rescan_counts=rescan_counts, active=active,
-        cosine=cosine)
-    return (out[0],) + tuple(t[0] for t in out[1:])
+        cosine=cosine, _group_dim=False)
 
 
 def residual_quantize_forward_grouped(
@@ -339,6 +339,7 @@ def residual_quantize_forward_grouped(
     rescan_counts: bool = False,
     active: Optional[int] = None,
     cosine: int = 0,
+    _group_dim: bool = True,
 ) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward for ``G`` independent residual quantizers over column groups, in
     one launch (grid ``(programs, G)``).
@@ -350,7 +351,8 @@ def residual_quantize_forward_grouped(
     ``counts (G, K_total)``, ``sums (G, K_total, D)`` (``(G, 0)`` and ``(G, 0, D)`` without
     statistics) and with ``rescan_counts`` a ``(G, L, 3)`` int32 tensor.
     """
-    groups, k_total, dim = codes.shape
+    # 2-D codes: one group, passed as is (no view of an argument reaches a traced kernel launch)
+    groups, k_total, dim = codes.shape if codes.dim() == 3 else (1,) + tuple(codes.shape)
     n = x.shape[0]
     if x.shape[1] != groups * dim:
         raise ValueError(f"x has {x.shape[1]} columns, expected groups ({groups}) x dim ({dim})")
@@ -360,16 +362,17 @@ def residual_quantize_forward_grouped(
     num_tiles = triton.cdiv(n, tiles.block_m)
     # the persistent grid's size cap is shared by the groups (at least one program per group)
     programs = torch.sym_min(num_tiles, max(1, max_programs(x.device) // groups))
+    lead = (groups,) if _group_dim else ()  # without: G = 1 outputs shaped as the plain launcher's
     quantized = torch.empty_like(x)
-    indices = torch.empty((groups, n, num_layers), dtype=torch.int64, device=x.device)
-    sse_partial = torch.empty((groups, num_tiles, num_layers), dtype=torch.float32, device=x.device)
-    counts = torch.zeros((groups, k_total) if with_stats else (1,), dtype=torch.int32, device=x.device)
-    sums = torch.zeros((groups, k_total, dim) if with_stats else (1, 1), dtype=torch.float32,
+    indices = torch.empty(lead + (n, num_layers), dtype=torch.int64, device=x.device)
+    sse_partial = torch.empty(lead + (num_tiles, num_layers), dtype=torch.float32, device=x.device)
+    counts = torch.zeros(lead + (k_total,) if with_stats else (1,), dtype=torch.int32, device=x.device)
+    sums = torch.zeros(lead + (k_total, dim) if with_stats else (1, 1), dtype=torch.float32,
                        device=x.device)
     scratch_shape = ((groups, programs, 2, tiles.block_m, tiles.padded_dim) if tiles.num_chunks > 1
                      else (1,))
     scratch = torch.empty(scratch_shape, dtype=torch.float32, device=x.device)
-    rescans = torch.zeros((groups, num_layers, 3), dtype=torch.int32, device=x.device)
+    rescans = torch.zeros(lead + (num_layers, 3), dtype=torch.int32, device=x.device)
     if n > 0 and groups > 0:
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing, precision=precision,
                                     with_stats=with_stats, emulate=x.device.type == "cpu",
@@ -379,9 +382,9 @@ def residual_quantize_forward_grouped(
             sums, scratch, rescans, n, dim, groups * dim, num_active, **consts, **launch_options(tiles),
         )
     if num_active < num_layers:  # dropped layers: the kernel never touches their columns
-        indices[:, :, num_active:] = -1
-        sse_partial[:, :, num_active:] = 0.0
+        indices[..., num_active:] = -1
+        sse_partial[..., num_active:] = 0.0
     if not with_stats:
-        counts, sums = counts.new_zeros((groups, 0)), sums.new_empty((groups, 0, dim))
-    out = (quantized, indices, sse_partial.sum(dim=1), counts.float(), sums)
+        counts, sums = counts.new_zeros(lead + (0,)), sums.new_empty(lead + (0, dim))
+    out = (quantized, indices, sse_partial.sum(dim=-2), counts.float(), sums)
     return out + (rescans,) if rescan_counts else out

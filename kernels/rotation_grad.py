@@ -106,8 +106,8 @@ def rotation_input_grad_triton(grad_out: Optional[torch.Tensor], x: torch.Tensor
     """``(N, D)`` input gradient in x's dtype. ``x``, ``codes``, ``indices (N, L)`` contiguous;
     ``layer_starts (L + 1,)`` int32 offsets of the layers in ``codes``; ``coef (L,)`` fp32;
     ``active``: the forward's number of active layers (``None``: all; the rest add nothing)."""
-    return rotation_input_grad_triton_grouped(grad_out, x, codes[None], layer_starts, indices[None],
-                                              coef[None], eps=eps, active=active, rotate=rotate,
+    return rotation_input_grad_triton_grouped(grad_out, x, codes, layer_starts, indices,
+                                              coef, eps=eps, active=active, rotate=rotate,
                                               cosine=cosine)
 
 
@@ -120,8 +120,9 @@ def rotation_input_grad_triton_grouped(grad_out: Optional[torch.Tensor], x: torc
     x and grad_out ``(N, G * D)``, codes ``(G, K_total, D)``, indices ``(G, N, L)`` contiguous,
     coef ``(G, L)``; the rest as :func:`rotation_input_grad_triton`. ``cosine`` (1 or 2, the
     forward's epilogue): the gradient of cosine codebooks (:mod:`rqvae_fast.cosine`), with the
-    output gradient rotated (``rotate``) or straight through."""
-    groups, _, dim = codes.shape
+    output gradient rotated (``rotate``) or straight through. 2-D codes, indices and 1-D coef:
+    one group."""
+    groups, dim = (codes.shape[0], codes.shape[2]) if codes.dim() == 3 else (1, codes.shape[1])
     n = x.shape[0]
     num_active = check_active(active, indices.shape[-1])
     block_d = max(16, triton.next_power_of_2(dim))

@@ -70,7 +70,7 @@ def arch_family(capability_major: int) -> str:
     return "sm90" if capability_major >= 9 else "sm80"
 
 
-def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
+def forward_tiles(dim: int, precision: str, arch: str, grouped: bool = False, cosine: bool = False) -> TileConfig:
     """Tiles of the fused forward, per (precision, arch family); chosen with the compile report
     (zero spills, tensor cores for tf32/bf16 at every D, at most 255 registers at 4 warps).
 
@@ -84,6 +84,28 @@ def forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     - sm_80 runs the scratch path (several chunks) with 8 warps: at 4 it spills a few bytes.
       Either way two warpgroups' worth of warps are resident per SM at 255 registers.
     """
+    tiles = _forward_tiles(dim, precision, arch)
+    if grouped:  # the group offsets cost registers: a few of sm_80's tightest rows spill otherwise
+        family = "ieee" if precision == "exact" else precision
+        tiles = tiles._replace(**_GROUPED_TILES.get((arch, family, padded_dim(dim)), {}))
+    if cosine:  # the epilogue's normalised row costs registers too
+        family = "ieee" if precision == "exact" else precision
+        tiles = tiles._replace(**_COSINE_TILES.get((arch, family, padded_dim(dim)), {}))
+    return tiles
+
+
+# Grouped forward (G > 1) exceptions found by the compile report, (arch, precision, padded D) ->
+# TileConfig fields ("ieee" covers "exact"): each spilled with the ungrouped tiles. Only BLOCK_K
+# changes: scores, tie rules and so indices do not depend on it.
+_GROUPED_TILES = {("sm80", "bf16", 128): dict(block_k=32), ("sm80", "ieee", 192): dict(block_k=32)}
+
+
+# Cosine-epilogue forward exceptions, the same way (compile report, rows "cosine").
+_COSINE_TILES = {("sm90", "tf32", 192): dict(block_k=32), **{("sm90", "bf16", d): dict(block_k=32)
+                                                             for d in (384, 512, 768, 1024)}}
+
+
+def _forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:
     _check(dim, arch)
     if precision in ("ieee", "exact"):
         width = chunk_width(dim, _IEEE_WIDEST.get((arch, padded_dim(dim)), 32 if arch == "sm90" else 16))
@@ -132,12 +154,16 @@ def input_grad_tiles(dim: int, arch: str) -> TileConfig:
 
 
 def forward_constexprs(tiles: TileConfig, *, num_layers: int, routing: int, precision: str,
-                       with_stats: bool, emulate: bool) -> Dict[str, object]:
-    """The forward kernel's compile-time arguments (launcher and report build them here)."""
+                       with_stats: bool, emulate: bool, grouped: bool = False,
+                       cosine: int = 0) -> Dict[str, object]:
+    """The forward kernel's compile-time arguments (launcher and report build them here).
+    ``grouped``: G > 1 column groups in one launch (``GROUPED``; G = 1 compiles without it);
+    ``cosine``: the cosine-codebook epilogue (``COSINE``: 0 off, 1 or 2, see the launcher)."""
     search = "tf32x3" if precision == "exact" else precision
     return dict(NUM_LAYERS=num_layers, ROUTING=routing, WITH_STATS=with_stats, SEARCH=search,
                 EXACT=precision == "exact", EMULATE=emulate, BLOCK_M=tiles.block_m,
-                BLOCK_K=tiles.block_k, BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks)
+                BLOCK_K=tiles.block_k, BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks,
+                GROUPED=grouped, COSINE=cosine)
 
 
 def input_grad_constexprs(tiles: TileConfig, *, num_layers: int, commit_layers: int,
@@ -186,12 +212,16 @@ def beam_constexprs(tiles: TileConfig, *, num_layers: int, beam_size: int, preci
 
 
 def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, routing: int,
-                   arch: str, num_layers: int = 3, beam_sizes=BEAM_SIZES) -> List[LaunchConfig]:
+                   arch: str, num_layers: int = 3, grouped: bool = False,
+                   cosine: int = 0, beam_sizes=BEAM_SIZES) -> List[LaunchConfig]:
     """Every launch a launcher can make for these arguments on a GPU of family ``arch``.
 
     ``input_grad`` ignores precision and stats; its launches differ by routing (which layers'
-    commitment terms reach the input) and by whether an output gradient is given. ``beam``
-    ignores stats and routing; its launches differ by beam size (``beam_sizes``, default
+    commitment terms reach the input) and by whether an output gradient is given (its group
+    offsets are runtime values: one compile for every G). ``grouped``: the forward over G > 1
+    column groups (``residual_quantize_grouped``), a variant of its own; ``cosine``: the forward
+    with the cosine-codebook epilogue (``compat.ResidualVQ(use_cosine_sim=True)``, layer_ste routing).
+    ``beam`` ignores stats and routing; its launches differ by beam size (``beam_sizes``, default
     :data:`BEAM_SIZES`).
     """
     if kernel == "beam":
@@ -204,9 +234,10 @@ def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, rout
                                         tiles.max_registers))
         return configs
     if kernel == "forward":
-        tiles = forward_tiles(dim, precision, arch)
+        tiles = forward_tiles(dim, precision, arch, grouped=grouped, cosine=bool(cosine))
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing,
-                                    precision=precision, with_stats=with_stats, emulate=False)
+                                    precision=precision, with_stats=with_stats, emulate=False,
+                                    grouped=grouped, cosine=cosine)
         return [LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages, tiles.max_registers)]
     if kernel == "input_grad":
         tiles = input_grad_tiles(dim, arch)

@@ -43,32 +43,42 @@ from .search import fast_score_bound, nearest_code, rescan
 from .tiles import chunk_tile
 from .traceable import traceable
 
+NORM_EPS = tl.constexpr(1e-6)  # cosine epilogue: n = r / max(|r|, NORM_EPS), as rqvae_fast.rotation
 RESCAN_FIELDS = 3  # per layer: rows flagged, row tiles rescanned, code tiles scored exactly
 
 
 @triton.jit
-def _load_rows(x_ptr, rows, dims, N, D):
+def _load_rows(x_ptr, rows, dims, N, D, x_stride):
     """``(BLOCK_M, BLOCK_DC)`` fp32 chunk of x and its per-row count of non-finite values."""
-    _, _, offsets, mask = chunk_tile(rows, dims, N, D)
+    _, _, offsets, mask = chunk_tile(rows, dims, N, D, x_stride)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     bad = (x != x) | (tl.abs(x) == float("inf"))
     return x, tl.sum(bad.to(tl.int32), axis=1)
 
 
 @triton.jit
-def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D,
-                  ROUTING: tl.constexpr, WITH_STATS: tl.constexpr):
+def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D, r_norm,
+                  ROUTING: tl.constexpr, WITH_STATS: tl.constexpr, COSINE: tl.constexpr):
     """One chunk of the layer step: gather the chosen code, scatter statistics, route.
 
     Returns the next residual and running output chunks, and the chunk's per-row squared error
-    and next-residual squared norm.
+    and next-residual squared norm. ``COSINE`` (cosine codebooks): the statistics sum the
+    normalised row ``n = r / r_norm`` (``r_norm (BLOCK_M,)`` = ``max(|r|, eps)``) and the error is
+    ``e - n`` (``COSINE == 1``) or ``e - r`` (``COSINE == 2``); the residual and output are as
+    without it.
     """
     code_mask = row_ok[:, None] & (dims < D)[None, :]
     code_offsets = best_idx.to(tl.int64)[:, None] * D + dims[None, :]
     chosen = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0.0).to(tl.float32)
     err = chosen - r
+    loss_err = err
+    stat = r
+    if COSINE != 0:
+        stat = r / r_norm[:, None]
+        if COSINE == 1:
+            loss_err = chosen - stat
     if WITH_STATS:
-        tl.atomic_add(sum_ptr + code_offsets, r, mask=code_mask, sem="relaxed")
+        tl.atomic_add(sum_ptr + code_offsets, stat, mask=code_mask, sem="relaxed")
     if ROUTING == 0:    # seed: the next residual subtracts the straight-through output
         straight_through = r + err
         t = t + straight_through
@@ -79,7 +89,7 @@ def _update_chunk(r, t, codes_ptr, sum_ptr, best_idx, row_ok, dims, D,
     else:               # layer_ste: a straight-through output per layer, detached residual
         t = t + (r + err)
         r_next = r - chosen
-    return r_next, t, tl.sum(err * err, axis=1), tl.sum(r_next * r_next, axis=1)
+    return r_next, t, tl.sum(loss_err * loss_err, axis=1), tl.sum(r_next * r_next, axis=1)
 
 
 @triton.jit
@@ -93,20 +103,21 @@ def _final_chunk(x_chunk, t, row_ok, ROUTING: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_active"])
 def _residual_quantize_fwd_kernel(
-    x_ptr,            # (N, D) input rows, any float dtype
-    codes_ptr,        # (K_total, D) all codebooks stacked, any float dtype (gathered)
-    search_ptr,       # (K_total, D) the same with non-finite codes zeroed (scored)
-    sq_norm_ptr,      # (K_total,) fp32 squared code norms, +inf for non-finite codes
-    layer_start_ptr,  # (L + 1,) int32: codebook l is rows [start[l], start[l+1]) of codes
-    out_ptr,          # (N, D) quantized output, dtype of x
-    idx_ptr,          # (N, L) int64 chosen code per layer (layer-local), -1 for non-finite rows
-    sse_ptr,          # (num_tiles, L) fp32 per-tile sum of squared errors
-    count_ptr,        # (K_total,) int32 rows per code             (written if WITH_STATS)
-    sum_ptr,          # (K_total, D) fp32 sum of residuals per code (written if WITH_STATS)
-    scratch_ptr,      # (programs, 2, BLOCK_M, NUM_DC * BLOCK_DC) fp32 (used if NUM_DC > 1)
-    rescan_ptr,       # (L, 3) int32 rescan counters (written if EXACT)
+    x_ptr,            # (N, G * D) input rows (row stride x_stride), any float dtype
+    codes_ptr,        # (G, K_total, D) every group's codebooks stacked, any float dtype (gathered)
+    search_ptr,       # (G, K_total, D) the same with non-finite codes zeroed (scored)
+    sq_norm_ptr,      # (G, K_total) fp32 squared code norms, +inf for non-finite codes
+    layer_start_ptr,  # (L + 1,) int32: codebook l is rows [start[l], start[l+1]) of a group's codes
+    out_ptr,          # (N, G * D) quantized output (row stride x_stride), dtype of x
+    idx_ptr,          # (G, N, L) int64 chosen code per layer (layer-local), -1 for non-finite rows
+    sse_ptr,          # (G, num_tiles, L) fp32 per-tile sum of squared errors
+    count_ptr,        # (G, K_total) int32 rows per code             (written if WITH_STATS)
+    sum_ptr,          # (G, K_total, D) fp32 sum of residuals per code (written if WITH_STATS)
+    scratch_ptr,      # (G, programs, 2, BLOCK_M, NUM_DC * BLOCK_DC) fp32 (used if NUM_DC > 1)
+    rescan_ptr,       # (G, L, 3) int32 rescan counters (written if EXACT)
     N,
-    D,
+    D,                # columns per group
+    x_stride,         # row stride of x and out: G * D
     num_active,       # runtime: layers [0, num_active) run, the rest are skipped (0 <= . <= L)
     NUM_LAYERS: tl.constexpr,
     ROUTING: tl.constexpr,        # 0 seed, 1 full, 2 layer_ste (see rqvae_fast.routing)
@@ -118,14 +129,34 @@ def _residual_quantize_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_DC: tl.constexpr,
     NUM_DC: tl.constexpr,
+    GROUPED: tl.constexpr = False,  # G > 1 column groups (grid axis 1); False: G = 1, x_stride = D
+    COSINE: tl.constexpr = 0,       # cosine codebooks' epilogue: 0 off, 1 target n = r/|r|, 2 target r
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(N, BLOCK_M)
     D_PAD: tl.constexpr = NUM_DC * BLOCK_DC
+    if GROUPED:
+        # Group g (grid axis 1): its column slice of x and out, its indices, loss partial sums,
+        # rescan counters and scratch. Its codes are rows [g K_total, (g + 1) K_total) of the
+        # stacked (G K_total, D) codes, norms and statistics: the layer bounds are shifted by
+        # g K_total (code_base) instead of offsetting five more pointers, so chosen indices are
+        # rows of the stacked arrays and the layer-local index is still best - k_start.
+        group = tl.program_id(1)
+        code_base = group * tl.load(layer_start_ptr + NUM_LAYERS)
+        x_ptr += group * D
+        out_ptr += group * D
+        idx_ptr += group.to(tl.int64) * N * NUM_LAYERS
+        sse_ptr += group * num_tiles * NUM_LAYERS
+        rescan_ptr += group * (NUM_LAYERS * 3)
+        program = group * num_programs + pid
+    else:  # one group: the stride is D and nothing is offset
+        code_base = 0
+        x_stride = D
+        program = pid
     dcs = tl.arange(0, BLOCK_DC)
     local = tl.arange(0, BLOCK_M)[:, None] * D_PAD + dcs[None, :]
-    res_scratch = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_M * D_PAD)
+    res_scratch = scratch_ptr + program.to(tl.int64) * (2 * BLOCK_M * D_PAD)
     tot_scratch = res_scratch + BLOCK_M * D_PAD
 
     for tile in range(pid, num_tiles, num_programs):
@@ -136,7 +167,7 @@ def _residual_quantize_fwd_kernel(
         r_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         t_regs = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)
         if NUM_DC == 1:
-            x, bad_count = _load_rows(x_ptr, rows, dcs, N, D)
+            x, bad_count = _load_rows(x_ptr, rows, dcs, N, D, x_stride)
             row_ok = row_in & (bad_count == 0)
             r_regs = tl.where(row_ok[:, None], x, 0.0)
             r_sq = tl.sum(r_regs * r_regs, axis=1)
@@ -144,11 +175,11 @@ def _residual_quantize_fwd_kernel(
             r_regs = tl.zeros((BLOCK_M, BLOCK_DC), dtype=tl.float32)  # unused: rows live in scratch
             bad_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
             for c in range(NUM_DC):
-                _x, bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
+                _x, bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D, x_stride)
                 bad_count += bad
             row_ok = row_in & (bad_count == 0)
             for c in range(NUM_DC):
-                x, _bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D)
+                x, _bad = _load_rows(x_ptr, rows, c * BLOCK_DC + dcs, N, D, x_stride)
                 x = tl.where(row_ok[:, None], x, 0.0)
                 r_sq += tl.sum(x * x, axis=1)
                 tl.store(res_scratch + local + c * BLOCK_DC, x)
@@ -156,8 +187,8 @@ def _residual_quantize_fwd_kernel(
             tl.debug_barrier()
 
         for layer in range(num_active):
-            k_start = tl.load(layer_start_ptr + layer)
-            k_end = tl.load(layer_start_ptr + layer + 1)
+            k_start = tl.load(layer_start_ptr + layer) + code_base
+            k_end = tl.load(layer_start_ptr + layer + 1) + code_base
 
             # --- nearest code ---------------------------------------------------------------
             best, best_idx, second, max_sq = nearest_code(
@@ -183,9 +214,13 @@ def _residual_quantize_fwd_kernel(
                               sem="relaxed")
 
             # --- gather, residual update, loss partial, statistics ---------------------------
+            r_norm = r_sq
+            if COSINE != 0:
+                r_norm = tl.maximum(tl.sqrt(r_sq), NORM_EPS)
             if NUM_DC == 1:
                 r_regs, t_regs, row_sse, r_sq = _update_chunk(
-                    r_regs, t_regs, codes_ptr, sum_ptr, best_idx, row_ok, dcs, D, ROUTING, WITH_STATS)
+                    r_regs, t_regs, codes_ptr, sum_ptr, best_idx, row_ok, dcs, D, r_norm, ROUTING,
+                    WITH_STATS, COSINE)
             else:
                 tl.debug_barrier()  # every warp is done reading this layer's residual
                 row_sse = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -194,8 +229,8 @@ def _residual_quantize_fwd_kernel(
                     r = tl.load(res_scratch + local + c * BLOCK_DC)
                     t = tl.load(tot_scratch + local + c * BLOCK_DC)
                     r, t, chunk_sse, chunk_sq = _update_chunk(
-                        r, t, codes_ptr, sum_ptr, best_idx, row_ok, c * BLOCK_DC + dcs, D, ROUTING,
-                        WITH_STATS)
+                        r, t, codes_ptr, sum_ptr, best_idx, row_ok, c * BLOCK_DC + dcs, D, r_norm,
+                        ROUTING, WITH_STATS, COSINE)
                     row_sse += chunk_sse
                     r_sq += chunk_sq
                     tl.store(res_scratch + local + c * BLOCK_DC, r)
@@ -206,17 +241,17 @@ def _residual_quantize_fwd_kernel(
 
         # --- output ---------------------------------------------------------------------------
         if NUM_DC == 1:
-            x, _bad = _load_rows(x_ptr, rows, dcs, N, D)  # re-read (L2) rather than held in registers
+            x, _bad = _load_rows(x_ptr, rows, dcs, N, D, x_stride)  # re-read (L2) rather than held in registers
             out = _final_chunk(tl.where(row_ok[:, None], x, 0.0), t_regs, row_ok, ROUTING)
-            tl.store(out_ptr + rows[:, None] * D + dcs[None, :], out.to(out_ptr.dtype.element_ty),
+            tl.store(out_ptr + rows[:, None] * x_stride + dcs[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=row_in[:, None] & (dcs < D)[None, :])
         else:
             for c in range(NUM_DC):
                 dims = c * BLOCK_DC + dcs
-                x, _bad = _load_rows(x_ptr, rows, dims, N, D)
+                x, _bad = _load_rows(x_ptr, rows, dims, N, D, x_stride)
                 x_ok = tl.where(row_ok[:, None], x, 0.0)
                 out = _final_chunk(x_ok, tl.load(tot_scratch + local + c * BLOCK_DC), row_ok, ROUTING)
-                tl.store(out_ptr + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                tl.store(out_ptr + rows[:, None] * x_stride + dims[None, :], out.to(out_ptr.dtype.element_ty),
                          mask=row_in[:, None] & (dims < D)[None, :])
             tl.debug_barrier()  # the next tile overwrites the scratch
 
@@ -265,6 +300,7 @@ def residual_quantize_forward(
     with_stats: bool,
     rescan_counts: bool = False,
     active: Optional[int] = None,
+    cosine: int = 0,
 ) -> Tuple[torch.Tensor, ...]:
     """Launch the fused forward.
 
@@ -278,33 +314,77 @@ def residual_quantize_forward(
     the rows the exact mode flagged, the row tiles it rescanned and the code tiles it scored exactly.
     ``active``: run only the first ``active`` layers (``0 <= active <= L``; ``None``: all); the
     others get index -1, loss 0 and zero statistics. A runtime value: no recompilation per value.
+    ``cosine``: the epilogue of cosine codebooks (unit codes): ``sse`` sums ``|e_l - n_l|^2`` with
+    ``n_l = r_l / max(|r_l|, 1e-6)`` (``1``) or ``|e_l - r_l|^2`` (``2``: vector-quantize-pytorch
+    1.32's target with a mask), and ``sums`` the ``n_l``; ``0``: off.
     """
-    n, dim = x.shape
+    # outputs allocated without the group dim (not views: a traced triton_op may not return views)
+    return residual_quantize_forward_grouped(
+        x, codes, search_codes, sq_norms, layer_starts, layer_sizes, routing=routing,
+        precision=precision, with_stats=with_stats, rescan_counts=rescan_counts, active=active,
+        cosine=cosine, _group_dim=False)
+
+
+def residual_quantize_forward_grouped(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    search_codes: torch.Tensor,
+    sq_norms: torch.Tensor,
+    layer_starts: torch.Tensor,
+    layer_sizes: Sequence[int],
+    *,
+    routing: int,
+    precision: str,
+    with_stats: bool,
+    rescan_counts: bool = False,
+    active: Optional[int] = None,
+    cosine: int = 0,
+    _group_dim: bool = True,
+) -> Tuple[torch.Tensor, ...]:
+    """Launch the fused forward for ``G`` independent residual quantizers over column groups, in
+    one launch (grid ``(programs, G)``).
+
+    x ``(N, G * D)`` contiguous (group g is columns ``[g D, (g + 1) D)``); codes and search_codes
+    ``(G, K_total, D)`` contiguous, every group with the same ``layer_sizes``; sq_norms
+    ``(G, K_total)`` fp32; the rest as :func:`residual_quantize_forward`, the same ``active`` for
+    every group. Returns ``quantized (N, G * D)``, ``indices (G, N, L)``, ``sse (G, L)``,
+    ``counts (G, K_total)``, ``sums (G, K_total, D)`` (``(G, 0)`` and ``(G, 0, D)`` without
+    statistics) and with ``rescan_counts`` a ``(G, L, 3)`` int32 tensor.
+    """
+    # 2-D codes: one group, passed as is (no view of an argument reaches a traced kernel launch)
+    groups, k_total, dim = codes.shape if codes.dim() == 3 else (1,) + tuple(codes.shape)
+    n = x.shape[0]
+    if x.shape[1] != groups * dim:
+        raise ValueError(f"x has {x.shape[1]} columns, expected groups ({groups}) x dim ({dim})")
     num_layers = len(layer_sizes)
     num_active = check_active(active, num_layers)
-    k_total = codes.shape[0]
-    tiles = forward_tiles(dim, precision, device_arch(x.device))
+    tiles = forward_tiles(dim, precision, device_arch(x.device), grouped=groups > 1, cosine=cosine != 0)
     num_tiles = triton.cdiv(n, tiles.block_m)
-    programs = torch.sym_min(num_tiles, max_programs(x.device))
+    # the persistent grid's size cap is shared by the groups (at least one program per group)
+    programs = torch.sym_min(num_tiles, max(1, max_programs(x.device) // groups))
+    lead = (groups,) if _group_dim else ()  # without: G = 1 outputs shaped as the plain launcher's
     quantized = torch.empty_like(x)
-    indices = torch.empty((n, num_layers), dtype=torch.int64, device=x.device)
-    sse_partial = torch.empty((num_tiles, num_layers), dtype=torch.float32, device=x.device)
-    counts = torch.zeros(k_total if with_stats else 1, dtype=torch.int32, device=x.device)
-    sums = torch.zeros((k_total, dim) if with_stats else (1, 1), dtype=torch.float32, device=x.device)
-    scratch_shape = (programs, 2, tiles.block_m, tiles.padded_dim) if tiles.num_chunks > 1 else (1,)
+    indices = torch.empty(lead + (n, num_layers), dtype=torch.int64, device=x.device)
+    sse_partial = torch.empty(lead + (num_tiles, num_layers), dtype=torch.float32, device=x.device)
+    counts = torch.zeros(lead + (k_total,) if with_stats else (1,), dtype=torch.int32, device=x.device)
+    sums = torch.zeros(lead + (k_total, dim) if with_stats else (1, 1), dtype=torch.float32,
+                       device=x.device)
+    scratch_shape = ((groups, programs, 2, tiles.block_m, tiles.padded_dim) if tiles.num_chunks > 1
+                     else (1,))
     scratch = torch.empty(scratch_shape, dtype=torch.float32, device=x.device)
-    rescans = torch.zeros((num_layers, 3), dtype=torch.int32, device=x.device)
-    if n > 0:
+    rescans = torch.zeros(lead + (num_layers, 3), dtype=torch.int32, device=x.device)
+    if n > 0 and groups > 0:
         consts = forward_constexprs(tiles, num_layers=num_layers, routing=routing, precision=precision,
-                                    with_stats=with_stats, emulate=x.device.type == "cpu")
-        traceable(_residual_quantize_fwd_kernel)[(programs,)](
+                                    with_stats=with_stats, emulate=x.device.type == "cpu",
+                                    grouped=groups > 1, cosine=cosine)
+        traceable(_residual_quantize_fwd_kernel)[(programs, groups)](
             x, codes, search_codes, sq_norms, layer_starts, quantized, indices, sse_partial, counts,
-            sums, scratch, rescans, n, dim, num_active, **consts, **launch_options(tiles),
+            sums, scratch, rescans, n, dim, groups * dim, num_active, **consts, **launch_options(tiles),
         )
     if num_active < num_layers:  # dropped layers: the kernel never touches their columns
-        indices[:, num_active:] = -1
-        sse_partial[:, num_active:] = 0.0
+        indices[..., num_active:] = -1
+        sse_partial[..., num_active:] = 0.0
     if not with_stats:
-        counts, sums = counts[:0], sums.new_empty((0, dim))
-    out = (quantized, indices, sse_partial.sum(dim=0), counts.float(), sums)
+        counts, sums = counts.new_zeros(lead + (0,)), sums.new_empty(lead + (0, dim))
+    out = (quantized, indices, sse_partial.sum(dim=-2), counts.float(), sums)
     return out + (rescans,) if rescan_counts else out

@@ -33,6 +33,7 @@ from .config import BEAM_PRECISIONS, BEAM_SIZES, KERNELS, LaunchConfig, launch_c
 DIMS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 FORWARD_PRECISIONS = ("ieee", "tf32", "bf16", "exact")
 ROUTINGS = (0, 1, 2)
+GROUPED_CI_DIMS = (64, 128, 192, 256, 384, 768)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ _POINTER_TYPES = {
     "input_grad": {"layer_start_ptr": "*i32", "idx_ptr": "*i64"},
     "beam": {"layer_start_ptr": "*i32", "idx_ptr": "*i64", "hist_ptr": "*i32"},
 }
-_SCALAR_TYPES = {"N": "i32", "D": "i32", "num_active": "i32", "grad_out_scale": "fp32"}
+_SCALAR_TYPES = {"N": "i32", "D": "i32", "x_stride": "i32", "num_active": "i32", "grad_out_scale": "fp32"}
 
 
 def _source(fn, kernel: str, constexprs: Dict[str, object], dim: int):
@@ -198,7 +199,7 @@ def _source(fn, kernel: str, constexprs: Dict[str, object], dim: int):
             signature[name] = "constexpr"
         elif name in _SCALAR_TYPES:
             signature[name] = _SCALAR_TYPES[name]
-            if name == "D" and dim % 16 == 0:
+            if name in ("D", "x_stride") and dim % 16 == 0:  # x_stride = G * D
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = _POINTER_TYPES[kernel].get(name, "*fp32")
@@ -273,7 +274,8 @@ def pick_ptxas(candidates: Sequence[str], arch: str = "sm_90a") -> Tuple[Optiona
 
 def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[str] = KERNELS,
                    precisions: Iterable[str] = FORWARD_PRECISIONS, stats: Iterable[bool] = (False, True),
-                   routings: Iterable[int] = ROUTINGS, beam_sizes: Iterable[int] = BEAM_SIZES) -> List[Row]:
+                   routings: Iterable[int] = ROUTINGS, grouped: Iterable[bool] = (False, True),
+                   cosine: Iterable[int] = (0, 1), beam_sizes: Iterable[int] = BEAM_SIZES) -> List[Row]:
     """One row per distinct launch configuration (duplicates, e.g. input-grad launches that do
     not depend on precision, appear once)."""
     rows, seen = [], set()
@@ -284,8 +286,14 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
                 for precision in _precisions(kernel, precisions):
                     for with_stats in (stats if kernel == "forward" else (False,)):
                         for routing in routings:
-                            for cfg in launch_configs(kernel, dim, precision if precision != "-" else "ieee",
-                                                      with_stats, routing, family, beam_sizes=beam_sizes):
+                            variants = [(g, c) for g in (grouped if kernel == "forward" else (False,))
+                                        for c in (cosine if kernel == "forward" else (0,))
+                                        if c == 0 or (routing == 2 and not g)]  # cosine: compat's only
+                            for cfg in (cfg for g, c in variants
+                                        for cfg in launch_configs(kernel, dim,
+                                                                  precision if precision != "-" else "ieee",
+                                                                  with_stats, routing, family, grouped=g,
+                                                                  cosine=c, beam_sizes=beam_sizes)):
                                 variant = _variant(cfg)
                                 key = (arch, dim, kernel, variant, tuple(sorted(cfg.constexprs.items())),
                                        cfg.num_warps, cfg.num_stages, cfg.max_registers)
@@ -314,19 +322,30 @@ def _variant(cfg: LaunchConfig) -> str:
     if cfg.kernel == "input_grad":
         return ("grad_out" if cfg.constexprs["HAS_GRAD_OUT"] else "no_grad_out") + \
             f",commit={cfg.constexprs['COMMIT_LAYERS']}"
-    return ""
+    parts = (["grouped"] if cfg.constexprs.get("GROUPED") else []) + \
+        (["cosine"] if cfg.constexprs.get("COSINE") else [])
+    return ",".join(parts)
 
 
 def ci_subset(archs: Iterable[str]) -> List[Row]:
-    """The CI test's rows (about 160, a few minutes on 2 cores): every D, precision and kernel on
+    """The CI test's rows (about 260, a few minutes on 2 cores): every D, precision and kernel on
     every arch, the forward with statistics and the ``full`` routing (the most registers), the
     input gradient with every layer's term and an output gradient (the most loads); plus the other
     routings and no statistics for the tf32 and exact searches at D 64 (registers path) and 768
-    (scratch path). The full matrix runs from the CLI."""
-    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,))
+    (scratch path), and the grouped forward and the cosine epilogue at ``GROUPED_CI_DIMS``. The
+    full matrix runs from the CLI."""
+    plain = dict(grouped=(False,), cosine=(0,))
+    rows = enumerate_rows(archs, DIMS, kernels=("forward",), stats=(True,), routings=(1,), **plain)
     for routings, stats in (((0, 2), (True,)), ((1,), (False,))):
         rows += enumerate_rows(archs, (64, 768), kernels=("forward",), precisions=("tf32", "exact"),
-                               stats=stats, routings=routings)
+                               stats=stats, routings=routings, **plain)
+    # the grouped forward (G > 1 column groups, its group offsets): every precision at the Ds
+    # where sm_80's configurations are tightest, and one each of the register and scratch paths
+    rows += enumerate_rows(archs, GROUPED_CI_DIMS, kernels=("forward",), stats=(True,), routings=(1,),
+                           grouped=(True,), cosine=(0,))
+    # the cosine epilogue (compat's use_cosine_sim: layer_ste routing, statistics): same Ds
+    rows += enumerate_rows(archs, GROUPED_CI_DIMS, kernels=("forward",), stats=(True,), routings=(2,),
+                           grouped=(False,), cosine=(1,))
     grads = enumerate_rows(archs, DIMS, kernels=("input_grad",), routings=(1,))
     rows += [r for r in grads if r.variant.startswith("grad_out")]
     rows += [r for r in enumerate_rows(archs, (64, 768), kernels=("input_grad",), routings=(0,))

@@ -8,6 +8,7 @@ Imports and runs without Triton (PyTorch path).
 """
 from ._triton_available import HAS_TRITON
 from .functional import ema_update_, residual_quantize
+from .grouped import GroupedQuantizeResult, residual_quantize_grouped
 from .kmeans import RQKMeans, fused_kmeans, residual_kmeans
 from .model import RQVAE, RQDecoder, RQEncoder
 from .modules import ResidualVQ, VQEmbedding, VQEmbeddingEMA
@@ -18,6 +19,7 @@ from .trainer import TrainConfig, Trainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupedQuantizeResult",
     "HAS_TRITON",
     "QuantizeResult",
     "RQDecoder",
@@ -35,6 +37,7 @@ __all__ = [
     "fused_kmeans",
     "residual_kmeans",
     "residual_quantize",
+    "residual_quantize_grouped",
     "token_strings",
     "__version__",
 ]

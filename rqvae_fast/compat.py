@@ -11,7 +11,9 @@ dropout and shared codebooks without dead-code reset run all active layers in on
 (:func:`rqvae_fast.functional.residual_quantize` with ``grad_mode="rotation"`` or ``"layer_ste"``;
 quantize dropout passes every codebook and the cutoff as ``active_layers``, a runtime value of the
 kernel, so no cutoff compiles a kernel of its own);
-``use_cosine_sim`` uses the fused search plus one chunked pass (:mod:`rqvae_fast.cosine`); beam
+``use_cosine_sim`` runs in the fused kernels too on the Triton path (their cosine epilogue; the
+PyTorch path: the fused search plus one chunked pass, :mod:`rqvae_fast.cosine`);
+``GroupedResidualVQ`` runs all its groups in one grouped fused pass where it can; beam
 search, Gumbel sampling, implicit neural codebooks, ``quant_grad_frac`` and shared codebooks with
 dead-code reset go layer by layer (:mod:`rqvae_fast.compat_layers`), as their code does.
 
@@ -22,10 +24,11 @@ mapping, the unsupported options and the distributed behaviour.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,9 +37,12 @@ import torch.nn as nn
 from . import distributed
 from .compat_layers import ImplicitCodebookMLP, forward_layers
 from .compat_reference import l2norm
-from .cosine import CosineQuantizeFunction
+from .backend import use_triton
+from .cosine import CosineQuantizeFunction, FusedCosineQuantizeFunction
+from .precision import resolve_precision
 from ._validation import check_finite as _check_finite
 from .functional import residual_quantize
+from .grouped import residual_quantize_grouped
 
 __all__ = ["ResidualVQ", "GroupedResidualVQ", "ema_track_", "ema_codebook_", "kmeans"]
 
@@ -466,6 +472,22 @@ class ResidualVQ(nn.Module):
             _check_finite(rows.detach(), "inputs (after project_in)")
         sync = distributed.should_sync(self.sync_codebook)
         active = self._active_layers(rows.device, rand_quantize_dropout_fixed_seed)
+        path, beam, temperature = self._path(beam_size, sample_codebook_temp)
+        if path == "cosine":
+            quantized, all_indices, losses = self._forward_cosine(
+                rows, active, freeze_codebook, sync, raw_target=mask is not None)
+        elif path == "layered":
+            quantized, all_indices, losses = forward_layers(
+                self, rows, active=active, beam=beam, temperature=temperature,
+                freeze=freeze_codebook, row_select=select)
+            quantized = quantized.to(rows.dtype)
+        else:
+            plan = self._fused_plan(rows, active, freeze_codebook, sync)
+            quantized, all_indices, losses = self._fused_finish(plan, _run_plans([plan]))
+        return self._output(x, mask, quantized, all_indices, losses, select, lead_shape, return_all_codes)
+
+    def _path(self, beam_size: Optional[int], sample_codebook_temp: Optional[float]):
+        """Which path a forward takes: ``("fused" | "cosine" | "layered", beam, temperature)``."""
         beam = beam_size if beam_size is not None else (
             self.beam_size if self.training else self.eval_beam_size)
         beam = 1 if beam is None else beam
@@ -475,23 +497,18 @@ class ResidualVQ(nn.Module):
             self.threshold_ema_dead_code > 0 or self.use_cosine_sim or self._needs_init)
         layered = (beam > 1 or sampling or self.implicit_neural_codebook or shared_layered
                    or self.quant_grad_frac > 0 or (self.use_cosine_sim and self._needs_init))
-        if self.use_cosine_sim and not layered:
-            quantized, all_indices, losses = self._forward_cosine(
-                rows, active, freeze_codebook, sync, raw_target=mask is not None)
-        elif layered:
-            quantized, all_indices, losses = forward_layers(
-                self, rows, active=active, beam=beam, temperature=temperature if sampling else 0.0,
-                freeze=freeze_codebook, row_select=select)
-            quantized = quantized.to(rows.dtype)
-        else:
-            quantized, all_indices, losses = self._forward_fused(rows, active, freeze_codebook, sync)
+        path = "layered" if layered else ("cosine" if self.use_cosine_sim else "fused")
+        return path, beam, temperature if sampling else 0.0
 
+    def _output(self, x, mask, quantized, all_indices, losses, select, lead_shape, return_all_codes):
+        """The rows' results as the forward returns them: masked rows back in place (index -1),
+        ``project_out``, the masked-padding fill, the optional codes."""
         if select is not None:
             positions = select.nonzero().squeeze(1)
             full = quantized.new_zeros((select.shape[0], self.codebook_dim))
             quantized = full.index_copy(0, positions, quantized)
             all_indices = torch.full((select.shape[0], self.num_quantizers), -1, dtype=torch.int64,
-                                     device=rows.device).index_copy(0, positions, all_indices)
+                                     device=all_indices.device).index_copy(0, positions, all_indices)
         quantized = self.project_out(quantized.reshape(*lead_shape, self.codebook_dim))
         all_indices = all_indices.reshape(*lead_shape, self.num_quantizers)
         if mask is not None:
@@ -520,12 +537,16 @@ class ResidualVQ(nn.Module):
 
     def _forward_cosine(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool,
                         raw_target: bool):
-        """``use_cosine_sim``: indices from the fused search (unit codes), losses, statistics and the
-        input gradient from :class:`rqvae_fast.cosine.CosineQuantizeFunction`; then the EMA step."""
+        """``use_cosine_sim``: on the Triton path one fused pass with the kernels' cosine epilogue
+        (:class:`rqvae_fast.cosine.FusedCosineQuantizeFunction`); otherwise indices from the fused
+        search (unit codes), then losses, statistics and the input gradient from
+        :class:`rqvae_fast.cosine.CosineQuantizeFunction`. Then the EMA step."""
         layers = list(self.layers[:active])
         every_book = [layer.codebook.detach() for layer in self.layers]
         books = every_book[:active]
         sizes = tuple(layer.codebook_size for layer in layers)
+        if use_triton(self.backend, rows.device):
+            return self._forward_cosine_fused(rows, active, freeze_codebook, sync, raw_target, every_book)
         with torch.no_grad():  # every codebook, the cutoff a runtime value (one kernel per Q)
             indices = residual_quantize(rows.detach(), every_book, 0.0, grad_mode="layer_ste",
                                         codebook_loss=False, precision=self.precision,
@@ -550,6 +571,27 @@ class ResidualVQ(nn.Module):
             indices = torch.cat((indices, indices.new_full((indices.shape[0], dropped), -1)), dim=1)
             losses = torch.cat((losses, losses.new_zeros(dropped)))
         return quantized, indices, losses
+
+    def _forward_cosine_fused(self, rows, active, freeze_codebook, sync, raw_target, every_book):
+        """:meth:`_forward_cosine` in one fused launch each way (every codebook in, the cutoff a
+        runtime value; dropped layers: index -1, loss 0, no statistics)."""
+        sizes = tuple(layer.codebook_size for layer in self.layers)
+        update = self.training and not freeze_codebook and (self.ema_update or self.threshold_ema_dead_code > 0)
+        if self.check_finite:
+            for number, book in enumerate(every_book):
+                _check_finite(book, f"codebook {number}")
+        rotation = self.training and self.rotation_trick
+        with contextlib.nullcontext() if self.training else torch.no_grad():
+            quantized, indices, losses, counts, sums = FusedCosineQuantizeFunction.apply(
+                rows, torch.cat(every_book), sizes, self.commitment_weight, rotation, raw_target,
+                resolve_precision(self.precision), update, active)
+        if not self.training or self.commitment_weight <= 0:
+            losses = torch.zeros_like(losses)
+        if update:
+            k_active = sum(sizes[:active])
+            self._cosine_codebook_step(rows.detach(), list(self.layers[:active]), indices[:, :active],
+                                       counts[:k_active], sums[:k_active], sync)
+        return quantized.to(rows.dtype), indices, losses
 
     @torch.no_grad()
     def _cosine_codebook_step(self, rows, layers, indices, counts, sums, sync: bool) -> None:
@@ -576,37 +618,43 @@ class ResidualVQ(nn.Module):
             self._reseed_dead(layer._codebook, residual)  # normalises the rows itself
             residual = residual - before[layer_id][chosen[:, layer_id]].float()
 
-    def _forward_fused(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool):
-        """All active layers in one fused pass; returns ``(quantized (n, d), indices (n, Q), losses (Q,))``."""
+    def _fused_plan(self, rows: torch.Tensor, active: int, freeze_codebook: bool, sync: bool) -> "_FusedPlan":
+        """What the fused pass of this call quantizes (k-means init first, on the first call)."""
         if self._needs_init:
             self._init_codebooks(rows, sync)
-        layers = list(self.layers[:active])
         # Every codebook goes in whatever the cutoff (the kernel takes the number of active layers
         # as a runtime value); the dropped ones detached, so they get no gradient (None, as theirs).
         books = [layer.codebook if number < active else layer.codebook.detach()
                  for number, layer in enumerate(self.layers)]
-        grad_mode = "rotation" if self.rotation_trick else "layer_ste"
-        options = dict(grad_mode=grad_mode, precision=self.precision, backend=self.backend,
-                       check_finite=self.check_finite, active_layers=active)
         update = self.training and not freeze_codebook and (
             self.ema_update or self.threshold_ema_dead_code > 0)
-        if self.training:
-            if self.learnable_codebook and not freeze_codebook and self.commitment_weight > 0:
-                # loss w * mse(e, r) with gradient to both: run with beta = 1 (codebook and
-                # commitment terms, value 2 mse), scale by w and fix the value to w * mse.
-                result = residual_quantize(rows, books, 1.0, codebook_loss=True,
-                                           compute_stats=update, **options)
-                losses = self.commitment_weight * (
-                    result.layer_losses - 0.5 * result.layer_losses.detach())
-            else:
-                result = residual_quantize(rows, [b.detach() for b in books],
-                                           self.commitment_weight, codebook_loss=False,
-                                           compute_stats=update, **options)
-                losses = result.layer_losses
+        options = dict(grad_mode="rotation" if self.rotation_trick else "layer_ste",
+                       precision=self.precision, backend=self.backend, check_finite=self.check_finite,
+                       active_layers=active)
+        learnable = self.training and self.learnable_codebook and not freeze_codebook and self.commitment_weight > 0
+        if learnable:
+            # loss w * mse(e, r) with gradient to both: run with beta = 1 (codebook and commitment
+            # terms, value 2 mse), scale by w and fix the value to w * mse (in _fused_finish).
+            call = dict(commitment_cost=1.0, codebook_loss=True, compute_stats=update)
+            quantize_books = books
+        elif self.training:
+            call = dict(commitment_cost=self.commitment_weight, codebook_loss=False, compute_stats=update)
+            quantize_books = [b.detach() for b in books]
         else:
-            with torch.no_grad():
-                result = residual_quantize(rows.detach(), [b.detach() for b in books], 0.0,
-                                           codebook_loss=False, compute_stats=False, **options)
+            call = dict(commitment_cost=0.0, codebook_loss=False, compute_stats=False)
+            rows, quantize_books = rows.detach(), [b.detach() for b in books]
+        return _FusedPlan(rows, books, quantize_books, dict(options, **call), learnable, update, sync,
+                          active, no_grad=not self.training)
+
+    def _fused_finish(self, plan: "_FusedPlan", result) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Losses, output and codebook updates of a fused pass; returns ``(quantized (n, d),
+        indices (n, Q), losses (Q,))`` (dropped layers: index -1, loss 0, from the kernel)."""
+        rows, books, active = plan.rows, plan.books, plan.active
+        if plan.learnable:
+            losses = self.commitment_weight * (result.layer_losses - 0.5 * result.layer_losses.detach())
+        elif self.training:
+            losses = result.layer_losses
+        else:
             losses = torch.zeros(self.num_quantizers, dtype=torch.float32, device=rows.device)
         quantized = result.quantized
         if (self.learnable_codebook and torch.is_grad_enabled()
@@ -614,15 +662,16 @@ class ResidualVQ(nn.Module):
             # no straight-through estimator (eval mode, or inputs without gradient): as theirs,
             # the output is the sum of the codes and passes its gradient to the codebooks
             quantized = self._sum_codes(result.indices[:, :active], books[:active]).to(rows.dtype)
-        if update:
-            self._update_codebooks(rows.detach(), result, sync, layers)
+        layers = list(self.layers[:active])
+        if plan.update:
+            self._update_codebooks(rows.detach(), result, plan.sync, layers)
         if self.training and self.shared_codebook and self.ema_update:
             # one codebook under every layer: the layers added their statistics in turn (above);
             # the codes move once, at the end of the call (even when frozen, as theirs)
             book = self.layers[0]._codebook
             with torch.no_grad():
                 ema_codebook_(book.embed.data[0], book.cluster_size[0], book.embed_avg[0], self.eps)
-        return quantized, result.indices, losses  # dropped layers: index -1, loss 0 (kernel)
+        return quantized, result.indices, losses
 
     def _rows(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
         """Projected rows ``(n, codebook_dim)`` to quantize, the flat row mask, the lead shape."""
@@ -856,6 +905,33 @@ class ResidualVQ(nn.Module):
                 f"kmeans_init={self.kmeans_init}, threshold_ema_dead_code={self.threshold_ema_dead_code}")
 
 
+class _FusedPlan(NamedTuple):
+    """One :class:`ResidualVQ`'s share of a fused call (see ``ResidualVQ._fused_plan``)."""
+    rows: torch.Tensor                   # (n, d) quantizer inputs
+    books: List[torch.Tensor]            # every layer's codebook (dropped layers detached)
+    quantize_books: List[torch.Tensor]   # what the fused pass gets (detached unless learnable)
+    options: Dict[str, Any]              # residual_quantize keyword arguments
+    learnable: bool
+    update: bool                         # EMA / dead-code step after the pass
+    sync: bool
+    active: int
+    no_grad: bool                        # eval mode: the pass runs under torch.no_grad()
+
+
+def _run_plans(plans: Sequence[_FusedPlan]):
+    """Run the fused pass of one plan (``residual_quantize``) or of G groups' plans in one launch
+    (``residual_quantize_grouped``; the plans of one ``GroupedResidualVQ`` share every option);
+    returns one result per plan (``QuantizeResult``), or the single result for one plan."""
+    options = dict(plans[0].options)
+    cost = options.pop("commitment_cost")
+    with torch.no_grad() if plans[0].no_grad else contextlib.nullcontext():
+        if len(plans) == 1:
+            return residual_quantize(plans[0].rows, plans[0].quantize_books, cost, **options)
+        rows = torch.cat([p.rows for p in plans], dim=1)
+        result = residual_quantize_grouped(rows, [p.quantize_books for p in plans], cost, **options)
+    return [result.group(g) for g in range(len(plans))]
+
+
 class GroupedResidualVQ(nn.Module):
     """vector-quantize-pytorch's ``GroupedResidualVQ``: ``groups`` independent :class:`ResidualVQ`
     (``rvqs.{g}``, same ``state_dict`` keys as theirs) over equal channel groups of ``dim``.
@@ -863,8 +939,13 @@ class GroupedResidualVQ(nn.Module):
     ``forward(x (B, N, dim) or (B, dim), ...)`` returns ``(quantized`` like ``x``, ``indices (G, B,
     N, Q)``, ``commit_losses (G, Q)``)``; ``return_all_codes=True`` adds a tuple of the groups'
     ``(Q, B, N, d)`` codes. In training one seed is drawn (torch's global generator, as theirs) and
-    every group uses it for its quantize-dropout cutoff. The groups run one after another (each a
-    fused pass); one launch over all groups needs a group grid dimension in the kernel.
+    every group uses it for its quantize-dropout cutoff.
+
+    When every group takes the fused path (see ``docs/COMPAT.md``) and no group still needs its
+    k-means init, all groups run in ONE fused pass (:func:`rqvae_fast.grouped.residual_quantize_grouped`:
+    one forward and one input-gradient launch, the group a grid dimension); each group's EMA step
+    and dead-code re-seeding follow, group by group. Otherwise (cosine codebooks, the layer-by-layer
+    options, a first ``kmeans_init`` call) the groups run one after another, as theirs.
     """
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any):
@@ -912,13 +993,44 @@ class GroupedResidualVQ(nn.Module):
             if distributed.should_sync(None):
                 torch.distributed.all_reduce(draw)
             seed = int(draw.item())
-        outs = [rvq(chunk, mask=mask, return_all_codes=return_all_codes,
-                    sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
-                    rand_quantize_dropout_fixed_seed=seed)
-                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=-1))]
+        chunks = x.chunk(self.groups, dim=-1)
+        if self._one_pass(sample_codebook_temp):
+            outs = self._forward_one_pass(chunks, mask, return_all_codes, freeze_codebook, seed)
+        else:  # group by group, each with its own fused (or cosine, or layer-by-layer) pass
+            outs = [rvq(chunk, mask=mask, return_all_codes=return_all_codes,
+                        sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                        rand_quantize_dropout_fixed_seed=seed)
+                    for rvq, chunk in zip(self.rvqs, chunks)]
         quantized = torch.cat([o[0] for o in outs], dim=-1)
         all_indices = torch.stack([o[1] for o in outs])
         losses = torch.stack([o[2] for o in outs])
         if return_all_codes:
             return quantized, all_indices, losses, tuple(o[3] for o in outs)
         return quantized, all_indices, losses
+
+    def _one_pass(self, sample_codebook_temp: Optional[float]) -> bool:
+        """True when every group takes the plain fused path and none needs its k-means init (the
+        init draws from torch's generator group by group, interleaved with the groups' dead-code
+        re-seeds, so a first call runs in turn to draw as theirs)."""
+        return all(rvq._path(None, sample_codebook_temp)[0] == "fused" and not rvq._needs_init
+                   for rvq in self.rvqs)
+
+    def _forward_one_pass(self, chunks, mask, return_all_codes: bool, freeze_codebook: bool,
+                          seed: Optional[int]):
+        """Every group's :meth:`ResidualVQ.forward` with the fused passes merged into one grouped
+        call; returns each group's ``forward`` output."""
+        prepared = []
+        for rvq, chunk in zip(self.rvqs, chunks):
+            rows, select, lead_shape = rvq._rows(chunk, mask)
+            if rvq.check_finite:
+                _check_finite(rows.detach(), "inputs (after project_in)")
+            active = rvq._active_layers(rows.device, seed)
+            plan = rvq._fused_plan(rows, active, freeze_codebook, distributed.should_sync(rvq.sync_codebook))
+            prepared.append((select, lead_shape, plan))
+        results = _run_plans([plan for _, _, plan in prepared])
+        outs = []
+        for rvq, chunk, (select, lead_shape, plan), result in zip(self.rvqs, chunks, prepared, results):
+            quantized, all_indices, losses = rvq._fused_finish(plan, result)
+            outs.append(rvq._output(chunk, mask, quantized, all_indices, losses, select, lead_shape,
+                                    return_all_codes))
+        return outs

@@ -11,6 +11,11 @@ that rebuild ``r_l`` from the indices (nothing ``(N, L, D)`` is kept):
 - input gradient: per layer the output gradient goes to ``n_l`` (identity, or rotated onto ``e_l``
   with the rotation trick), the commitment term is added, and the sum passes the l2-norm Jacobian
   ``(v - (v.n) n) / |r_l|`` (``v / 1e-6`` below the clamp).
+
+On the Triton path :class:`FusedCosineQuantizeFunction` does all of it inside the fused kernels
+(the forward's cosine epilogue, ``COSINE`` in ``kernels/quantize_forward.py``, and the cosine
+branch of ``kernels/rotation_grad.py``): one forward and one input-gradient launch, no chunked
+pass. :class:`CosineQuantizeFunction` stays the PyTorch path and the kernels' oracle.
 """
 from __future__ import annotations
 
@@ -93,6 +98,53 @@ class CosineQuantizeFunction(torch.autograd.Function):
                 residual = residual - code
             grad_rows[begin:end] = acc
         return grad_rows.to(rows.dtype), None, None, None, None, None, None
+
+
+class FusedCosineQuantizeFunction(torch.autograd.Function):
+    """The Triton path of cosine codebooks: search, losses, statistics in one forward launch, the
+    input gradient in one launch. Returns ``quantized (n, d)``, ``indices (n, L)`` (``-1`` past
+    ``active``), ``layer_losses (L,)`` (0 past ``active``), ``counts (K_total,)``, ``sums
+    (K_total, d)`` (of the normalised rows; zeros past ``active`` and ``(0,)``/``(0, d)`` without
+    ``with_stats``). ``codes (K_total, d)``: every layer's unit codes (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, codes: torch.Tensor, layer_sizes: Tuple[int, ...], weight: float,
+                rotation: bool, raw_target: bool, precision: str, with_stats: bool, active: int):
+        from . import backend, routing
+        from .kernels.quantize_forward import residual_quantize_forward
+
+        rows = rows.contiguous()
+        codes = codes.detach().contiguous()
+        cosine = 2 if raw_target else 1
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            search_codes, sq_norms = backend.search_operands(codes)
+            starts = backend.layer_starts(list(layer_sizes), rows)
+            quantized, indices, sse, counts, sums = residual_quantize_forward(
+                rows.detach(), codes, search_codes, sq_norms, starts, list(layer_sizes),
+                routing=routing.LAYER_STE, precision=precision, with_stats=with_stats, active=active,
+                cosine=cosine)
+        n, dim = rows.shape
+        inv = 1.0 / (n * dim) if n > 0 else 0.0
+        ctx.save_for_backward(rows, codes, indices)
+        ctx.layer_sizes, ctx.weight, ctx.rotation, ctx.cosine, ctx.inv, ctx.active = (
+            layer_sizes, weight, rotation, cosine, inv, active)
+        ctx.mark_non_differentiable(indices, counts, sums)
+        return quantized, indices, sse * (weight * inv), counts, sums
+
+    @staticmethod
+    def backward(ctx, grad_quantized, _grad_indices, grad_losses, _grad_counts, _grad_sums):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        from . import backend
+        from .kernels.rotation_grad import rotation_input_grad_triton
+
+        rows, codes, indices = ctx.saved_tensors
+        coef = (grad_losses.float() * (2.0 * ctx.weight * ctx.inv)).contiguous()
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            grad = rotation_input_grad_triton(
+                grad_quantized.contiguous(), rows, codes, backend.layer_starts(list(ctx.layer_sizes), rows),
+                indices, coef, NORM_EPS, ctx.active, rotate=ctx.rotation, cosine=ctx.cosine)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _starts(layer_sizes: Sequence[int]) -> List[int]:

@@ -146,10 +146,71 @@ def test_beam_search_parity(train, beam, cosine):
             train=train, skip_state=skip)
 
 
+GROUPED_CASES = {  # (constructor options, forward options, masked, train, groups run in one pass)
+    "defaults": (dict(), {}, False, True, True),
+    "straight_through_masked": (dict(rotation_trick=False), {}, True, True, True),
+    "learnable": (dict(learnable_codebook=True, ema_update=False), {}, False, True, True),
+    "quantize_dropout": (dict(num_quantizers=4, quantize_dropout=True), {}, False, True, True),
+    "projection": (dict(codebook_dim=3), {}, False, True, True),
+    "eval": (dict(), {}, False, False, True),
+    "frozen": (dict(), dict(freeze_codebook=True), False, True, True),
+    "cosine": (dict(use_cosine_sim=True), {}, False, True, False),
+}
+
+
 @needs_vqp
-def test_grouped_residual_vq_parity():
-    kwargs = dict(dim=12, groups=3, num_quantizers=2, codebook_size=16)
-    compare(lambda: TheirGRVQ(**kwargs), lambda: GroupedResidualVQ(**kwargs), dim=12)
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_residual_vq_parity(case, monkeypatch):
+    options, forward, masked, train, one_pass = GROUPED_CASES[case]
+    kwargs = dict(dict(dim=12, groups=3, num_quantizers=2, codebook_size=16), **options)
+    import rqvae_fast.compat as compat_module
+
+    calls = []
+    real = compat_module.residual_quantize_grouped
+    monkeypatch.setattr(compat_module, "residual_quantize_grouped",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    compare(lambda: TheirGRVQ(**kwargs), lambda: GroupedResidualVQ(**kwargs), dim=12, masked=masked,
+            train=train, batch=1 if "dead" in case else 3, **forward)
+    assert len(calls) == (1 if one_pass else 0)  # all groups in one grouped call, or group by group
+
+
+def test_grouped_kmeans_init_runs_group_by_group_once(monkeypatch):
+    import rqvae_fast.compat as compat_module
+
+    calls = []
+    real = compat_module.residual_quantize_grouped
+    monkeypatch.setattr(compat_module, "residual_quantize_grouped",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=8, kmeans_init=True)
+    x = torch.randn(2, 30, 8)
+    model(x)  # k-means init, group by group (theirs draws in that order)
+    assert calls == [] and all(not rvq._needs_init for rvq in model.rvqs)
+    _, indices, _ = model(x)
+    assert calls == [1] and indices.shape == (2, 2, 30, 2)
+
+
+@pytest.mark.parametrize("options", [dict(threshold_ema_dead_code=2), dict(rotation_trick=False, learnable_codebook=True,
+                                                                         ema_update=False, quantize_dropout=True)])
+def test_grouped_one_pass_equals_group_by_group(options, monkeypatch):
+    """The one-launch path against our own group-by-group path (same random draws), including
+    dead-code re-seeding (where vector-quantize-pytorch 1.32's grouped module differs, see COMPAT.md)."""
+    kwargs = dict(dim=12, groups=3, num_quantizers=3, codebook_size=16, **options)
+    torch.manual_seed(0)
+    one = GroupedResidualVQ(**kwargs)
+    other = GroupedResidualVQ(**kwargs)
+    other.load_state_dict(one.state_dict())
+    monkeypatch.setattr(other, "_one_pass", lambda *a: False)
+    gen = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(1, 40, 12, generator=gen) * 2, torch.randn(1, 40, 12, generator=gen)
+    results = []
+    for model in (one, other):
+        torch.manual_seed(7)
+        results.append(one_step(model, x, grad))
+    (q1, i1, l1, g1, s1), (q2, i2, l2, g2, s2) = results
+    assert torch.equal(i1, i2)
+    for a, b in [(q1, q2), (l1, l2)] + list(zip(g1, g2)) + [(s1[k], s2[k]) for k in s1]:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,3 +352,27 @@ def test_check_finite_names_the_bad_row_on_every_path(option):
     x[0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="first bad row: 3"):
         model(x)
+
+
+# --- cosine codebooks inside the fused kernels (backend="triton": the interpreter on CPU) -------
+
+@needs_vqp
+@pytest.mark.skipif(not __import__("rqvae_fast").HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("case", ["cosine", "cosine_straight_through", "quantize_dropout_cosine",
+                                  "cosine_dead_codes"])
+def test_cosine_epilogue_in_the_kernel_matches_theirs(case, masked, train, monkeypatch):
+    import rqvae_fast.compat as compat_module
+    from rqvae_fast.cosine import CosineQuantizeFunction, FusedCosineQuantizeFunction
+
+    options = dict(CASES.get(case, dict(use_cosine_sim=True, threshold_ema_dead_code=2)))
+    kwargs = {**BASE, **options}
+    calls = []
+    monkeypatch.setattr(compat_module, "FusedCosineQuantizeFunction", type(
+        "Counting", (), {"apply": staticmethod(lambda *a: calls.append(1) or FusedCosineQuantizeFunction.apply(*a))}))
+    monkeypatch.setattr(compat_module, "CosineQuantizeFunction", None)  # the chunked pass must not run
+    assert CosineQuantizeFunction is not None
+    compare(lambda: TheirRVQ(**kwargs), lambda: ResidualVQ(**kwargs, backend="triton"), dim=kwargs["dim"],
+            masked=masked, train=train, batch=1 if "dead" in case else 3)
+    assert calls == [1]

@@ -86,6 +86,29 @@ def test_matrix_and_ci_subset_cover_every_dim_precision_kernel_arch(report):
                 for precision in report.FORWARD_PRECISIONS:
                     assert ("forward", arch, dim, precision) in seen
     assert len({(r.routing, r.with_stats) for r in full if r.kernel == "forward"}) == 6
+    grouped = {(r.arch, r.dim, r.precision) for r in ci if r.variant == "grouped"}
+    for arch in report.TARGETS:  # the grouped forward (G > 1) is compiled and gated too
+        for dim in report.GROUPED_CI_DIMS:
+            for precision in report.FORWARD_PRECISIONS:
+                assert (arch, dim, precision) in grouped
+    cosine = {(r.arch, r.dim, r.precision) for r in ci if r.variant == "cosine"}
+    assert grouped == cosine  # the cosine epilogue: same coverage
+    assert {r.variant for r in full if r.kernel == "forward"} == {"", "grouped", "cosine"}
+
+
+def test_grouped_tiles_differ_only_where_values_cannot(report):
+    """The grouped and cosine forwards' own tiles may change BLOCK_K and warps (per-code scores, tie rules
+    and so indices do not depend on them), never the rows' chunking of D (the dot's order)."""
+    from rqvae_fast.kernels.config import forward_tiles
+
+    for precision in ("ieee", "tf32", "bf16", "exact"):
+        for arch in ("sm80", "sm90"):
+            for dim in report.DIMS:
+                plain = forward_tiles(dim, precision, arch)
+                for variant in (dict(grouped=True), dict(cosine=True)):
+                    other = forward_tiles(dim, precision, arch, **variant)
+                    assert (other.block_dc, other.num_chunks, other.block_m) == (
+                        plain.block_dc, plain.num_chunks, plain.block_m)
 
 
 def test_report_uses_the_launchers_table(report, monkeypatch):

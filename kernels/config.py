@@ -97,12 +97,19 @@ def forward_tiles(dim: int, precision: str, arch: str, grouped: bool = False, co
 # Grouped forward (G > 1) exceptions found by the compile report, (arch, precision, padded D) ->
 # TileConfig fields ("ieee" covers "exact"): each spilled with the ungrouped tiles. Only BLOCK_K
 # changes: scores, tie rules and so indices do not depend on it.
-_GROUPED_TILES = {("sm80", "bf16", 128): dict(block_k=32), ("sm80", "ieee", 192): dict(block_k=32)}
+# Register allocation moves between Triton releases: Triton 3.8 (the newest pip resolves beside
+# torch 2.14) and 3.9 spill on different sm_80 D 192 rows, hence the release-dependent entries.
+_NEW_TRITON = _TRITON_RELEASE >= (3, 9)
+_GROUPED_TILES = {("sm80", "bf16", 128): dict(block_k=32),
+                  ("sm80", "ieee", 192): dict(block_k=32) if _NEW_TRITON else {},
+                  ("sm80", "tf32", 192): {} if _NEW_TRITON else dict(num_warps=4)}
 
 
-# Cosine-epilogue forward exceptions, the same way (compile report, rows "cosine").
-_COSINE_TILES = {("sm90", "tf32", 192): dict(block_k=32), **{("sm90", "bf16", d): dict(block_k=32)
-                                                             for d in (384, 512, 768, 1024)}}
+# Cosine-epilogue forward exceptions, the same way (compile report, rows "cosine"): bf16 on sm_90a
+# needs 8 warps (Triton 3.8 spilled 100-216 B at 4 warps, 3.9 from D 384 on).
+_COSINE_TILES = {("sm90", "tf32", 192): dict(block_k=32),
+                 **{("sm90", "bf16", d): dict(num_warps=8) for d in (128, 192, 256)},
+                 **{("sm90", "bf16", d): dict(block_k=32, num_warps=8) for d in (384, 512, 768, 1024)}}
 
 
 def _forward_tiles(dim: int, precision: str, arch: str) -> TileConfig:

@@ -178,9 +178,11 @@ def beam_tiles(dim: int, precision: str, arch: str, beam_size: int) -> TileConfi
 
 
 def beam_constexprs(tiles: TileConfig, *, num_layers: int, beam_size: int, precision: str,
-                    emulate: bool) -> Dict[str, object]:
-    """The beam kernel's compile-time arguments (launcher and report build them here)."""
+                    emulate: bool, weighted: bool = False) -> Dict[str, object]:
+    """The beam kernel's compile-time arguments (launcher and report build them here);
+    ``weighted``: vector-quantize-pytorch's per-layer score ranking (``WEIGHTED``)."""
     return dict(NUM_LAYERS=num_layers, BEAM=beam_size, BEAM_PAD=1 << (beam_size - 1).bit_length(),
+                WEIGHTED=weighted,
                 SEARCH=precision, EMULATE=emulate, BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k,
                 BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks)
 

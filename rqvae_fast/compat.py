@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .compat_beam import forward_beam_fused, fused_beam_applies
 from .compat_layers import ImplicitCodebookMLP, forward_layers
 from .compat_reference import l2norm
 from .cosine import CosineQuantizeFunction
@@ -478,6 +479,9 @@ class ResidualVQ(nn.Module):
         if self.use_cosine_sim and not layered:
             quantized, all_indices, losses = self._forward_cosine(
                 rows, active, freeze_codebook, sync, raw_target=mask is not None)
+        elif layered and fused_beam_applies(self, rows, beam, sampling):
+            quantized, all_indices, losses = forward_beam_fused(
+                self, rows, active=active, beam=beam, freeze=freeze_codebook, sync=sync)
         elif layered:
             quantized, all_indices, losses = forward_layers(
                 self, rows, active=active, beam=beam, temperature=temperature if sampling else 0.0,

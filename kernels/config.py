@@ -188,22 +188,25 @@ def beam_constexprs(tiles: TileConfig, *, num_layers: int, beam_size: int, preci
 
 
 def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, routing: int,
-                   arch: str, num_layers: int = 3, beam_sizes=BEAM_SIZES) -> List[LaunchConfig]:
+                   arch: str, num_layers: int = 3, beam_sizes=BEAM_SIZES,
+                   beam_weighted=(False, True)) -> List[LaunchConfig]:
     """Every launch a launcher can make for these arguments on a GPU of family ``arch``.
 
     ``input_grad`` ignores precision and stats; its launches differ by routing (which layers'
     commitment terms reach the input) and by whether an output gradient is given. ``beam``
     ignores stats and routing; its launches differ by beam size (``beam_sizes``, default
-    :data:`BEAM_SIZES`).
+    :data:`BEAM_SIZES`) and ranking (``beam_weighted``: ``False`` final error, ``True`` the
+    per-layer weighted scores of vector-quantize-pytorch).
     """
     if kernel == "beam":
         configs = []
         for beam in beam_sizes:
-            tiles = beam_tiles(dim, precision, arch, beam)
-            consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam, precision=precision,
-                                     emulate=False)
-            configs.append(LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages,
-                                        tiles.max_registers))
+            for weighted in beam_weighted:
+                tiles = beam_tiles(dim, precision, arch, beam)
+                consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam, precision=precision,
+                                         emulate=False, weighted=weighted)
+                configs.append(LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages,
+                                            tiles.max_registers))
         return configs
     if kernel == "forward":
         tiles = forward_tiles(dim, precision, arch)

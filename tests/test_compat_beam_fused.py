@@ -3,14 +3,15 @@ layer-by-layer path (forward_layers, itself checked against vector-quantize-pyto
 test_compat_options.py / test_compat_upstream_cases.py): outputs, indices, losses, input and
 parameter gradients and the state after a step, with dropout, masks, per-layer sizes, learnable
 codebooks, score weights; on CPU through beam_encode and through the kernel forced under the
-interpreter."""
+interpreter. The fused beam runs where the beam kernel does (CUDA); here it is forced by
+patching compat_beam.use_beam_kernel (the dispatch), and beam_path.use_beam_kernel for the kernel."""
 import copy
 
 import pytest
 import torch
 
 from conftest import requires_triton
-from rqvae_fast import beam_path, compat
+from rqvae_fast import beam_path, compat, compat_beam
 from rqvae_fast.compat import ResidualVQ
 
 CONFIGS = {
@@ -51,6 +52,7 @@ def both_paths(monkeypatch, model, x, mask=None, seed=None, kernel=False):
         layered = run(layered_model, x, mask, seed)
     with monkeypatch.context() as m:
         m.setattr(compat, "fused_beam_applies", spy)
+        m.setattr(compat_beam, "use_beam_kernel", lambda *a, **k: True)
         if kernel:
             m.setattr(beam_path, "use_beam_kernel", lambda *a, **k: True)
         fused = run(fused_model, x, mask, seed)
@@ -141,5 +143,15 @@ def test_options_the_fused_beam_does_not_cover_stay_layered(monkeypatch, options
     taken = []
     real = compat.fused_beam_applies
     monkeypatch.setattr(compat, "fused_beam_applies", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(compat_beam, "use_beam_kernel", lambda *a, **k: True)
     model(data((1, 8, 6), seed=6))
     assert taken == [False]
+
+
+def test_cpu_rows_and_large_beams_stay_layered():
+    """The fused beam runs where the beam kernel encodes: not for CPU rows, nor beams above 8."""
+    model = ResidualVQ(dim=6, num_quantizers=2, codebook_size=5, beam_size=2).train()
+    rows = data((8, 6), seed=7)
+    assert not compat_beam.fused_beam_applies(model, rows, 2, False)
+    assert not compat_beam.fused_beam_applies(model, rows, 9, False)
+    assert not compat_beam.fused_beam_applies(model, rows, 1, False)

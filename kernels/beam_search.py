@@ -378,7 +378,7 @@ def beam_search(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: i
     history = torch.empty((programs, num_layers, paths), dtype=torch.int32, device=x.device)
     consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam_size, precision=precision,
                              emulate=x.device.type == "cpu", weighted=weighted)
-    weight_arg = (weights if weighted else torch.ones(num_layers)).to(x.device)
+    weight_arg = weights.to(x.device) if weighted else sq_norms  # unweighted: never read
     traceable(_beam_search_kernel)[(programs,)](
         x.contiguous(), codes, sq_norms, starts, indices, sq_error, scratch, history, weight_arg, n, dim,
         **consts, **launch_options(tiles))

@@ -25,6 +25,12 @@ the tensor-core shape of the greedy kernel. Per layer ``l`` with ``K_l`` codes:
 After the last layer the row's answer is its kept path with the lowest exact squared residual
 (first in rank order on ties, as ``beam_encode``), backtracked through the recorded keys.
 
+``WEIGHTED`` (vector-quantize-pytorch's ranking, ``beam_encode(layer_weights=...)``): each path
+also carries its score ``S`` (fp32 register per path row), a candidate's score is
+``S_parent + a_l (||e_k||^2 - 2 r.e_k + ||r||^2)`` with ``a_l`` read from ``weight_ptr``, the kept
+scores become the children's ``S``, and the answer is rank 0 (least score). Without it the
+weights pointer is never read and the code is the unweighted kernel's.
+
 While the product of the layer sizes so far is below ``B`` (``B > K_0``) a row has fewer than
 ``B`` paths; the others are empty (never chosen), exactly as ``beam_encode`` keeps
 ``min(B, paths x K_l)`` of them. Rows holding NaN/Inf get index -1 and error NaN.
@@ -51,11 +57,13 @@ Predicted: tf32 2.8-4.0 ms, ``"ieee"`` 4.0-7.4 ms (perfect overlap .. none), aga
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from rqvae_fast.beam import check_layer_weights
 
 from .config import BEAM_PRECISIONS, MAX_BEAM, beam_constexprs, beam_tiles, launch_options
 from .quantize_forward import device_arch, max_programs
@@ -179,11 +187,13 @@ def _beam_search_kernel(
     err_ptr,          # (N,) fp32 out: its squared error ||x - sum of codes||^2, NaN on non-finite rows
     res_ptr,          # (programs, 2, P, NUM_DC * BLOCK_DC) fp32 scratch: path residuals
     hist_ptr,         # (programs, L, P) int32 scratch: key of each kept path per layer
+    weight_ptr,       # (L,) fp32 per-layer score weights a_l (read only when WEIGHTED)
     N,
     D,
     NUM_LAYERS: tl.constexpr,
     BEAM: tl.constexpr,       # paths kept per row (B)
     BEAM_PAD: tl.constexpr,   # B rounded up to a power of two
+    WEIGHTED: tl.constexpr,   # rank by sum_l a_l ||r_l - e_l||^2 (else by the final error)
     SEARCH: tl.constexpr,     # "ieee" | "tf32" | "bf16": the scoring dot (see .search.chunk_dot)
     EMULATE: tl.constexpr,    # interpreter: reduced-precision operands emulated exactly
     BLOCK_M: tl.constexpr,    # rows per tile; P = BLOCK_M * BEAM_PAD path rows
@@ -225,6 +235,7 @@ def _beam_search_kernel(
             tl.store(res_base + local + c * BLOCK_DC, x)
         tl.debug_barrier()
         live = path_rank == 0  # one path (the row itself) before layer 0
+        path_score = tl.zeros((P,), dtype=tl.float32)  # WEIGHTED: the path's score S
         kept = tl.full((), 1, tl.int32)  # paths per row so far: min(B, product of the layer sizes)
         cur = tl.full((), 0, tl.int32)   # scratch half holding the current residuals
 
@@ -251,7 +262,11 @@ def _beam_search_kernel(
                                     SEARCH, EMULATE, P, BLOCK_K, BLOCK_DC, NUM_DC)
                 ks = k0 + tl.arange(0, BLOCK_K)
                 ok = live[:, None] & (ks < k_end)[None, :]
-                score = dist + path_base[:, None]
+                if WEIGHTED:
+                    alpha = tl.load(weight_ptr + layer)
+                    score = tl.where(live, path_score, float("inf"))[:, None] + alpha * (dist + r_sq[:, None])
+                else:
+                    score = dist + path_base[:, None]
                 score = tl.where(ok & (score == score), score, float("inf"))
                 key = tl.where(ok, path_key[:, None] + ks[None, :], NO)
                 kept_score, kept_key = _merge_tile(
@@ -261,6 +276,8 @@ def _beam_search_kernel(
 
             # --- children: r_parent - e_code into the other scratch half -----------------------
             child_key = tl.reshape(kept_key, (P,))
+            if WEIGHTED:
+                path_score = tl.reshape(kept_score, (P,))
             live = child_key < NO
             parent = tl.where(live, child_key // size, 0)
             code = tl.where(live, child_key % size, 0) + k_start
@@ -284,6 +301,9 @@ def _beam_search_kernel(
         err = tl.min(final, axis=1)
         slot = tl.min(tl.where(final == err[:, None], slots[None, :], BEAM_PAD), axis=1)
         slot = tl.where(slot < BEAM_PAD, slot, 0)
+        if WEIGHTED:  # the least score: rank 0
+            err = tl.sum(tl.where(slots[None, :] == 0, final, 0.0), axis=1)
+            slot = tl.zeros((BLOCK_M,), dtype=tl.int32)
         row_ok = tl.max(tl.reshape(path_ok.to(tl.int32), (BLOCK_M, BEAM_PAD)), axis=1) > 0
         row_in = rows < N
         tl.store(err_ptr + rows, tl.where(row_ok, err, float("nan")), mask=row_in)
@@ -321,7 +341,8 @@ def _check(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: int, p
 
 @torch.no_grad()
 def beam_search(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: int, *,
-                precision: str = "ieee") -> Tuple[torch.Tensor, torch.Tensor]:
+                precision: str = "ieee", layer_weights: Optional[Sequence[float]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Beam-search residual codes of ``x (N, D)`` (any float dtype; fp32 math) in one launch.
 
     ``codebooks``: one ``(K_l, D)`` tensor per layer on x's device (sizes may differ; finite).
@@ -329,9 +350,13 @@ def beam_search(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: i
     ``"tf32"`` or ``"bf16"`` (tensor cores; ranks by rounded scores, the returned error is exact
     fp32 either way). Returns ``(indices (N, L) int64, sq_error (N,) fp32)`` as
     :func:`rqvae_fast.beam.beam_encode` (same ranking and tie rule); rows holding NaN/Inf get
-    index -1 and error NaN. Nothing passed in is modified.
+    index -1 and error NaN. ``layer_weights``: ``None`` or ``L`` positive weights, ranking as
+    :func:`rqvae_fast.beam.beam_encode` with them (ignored at ``beam_size=1``: greedy either way).
+    Nothing passed in is modified.
     """
     _check(x, codebooks, beam_size, precision)
+    weights = check_layer_weights(layer_weights, len(codebooks))
+    weighted = weights is not None and beam_size > 1
     book32 = [b.detach().to(torch.float32) for b in codebooks]
     for layer, book in enumerate(book32):
         if not bool(torch.isfinite(book).all()):
@@ -352,9 +377,10 @@ def beam_search(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: i
     scratch = torch.empty((programs, 2, paths, tiles.padded_dim), dtype=torch.float32, device=x.device)
     history = torch.empty((programs, num_layers, paths), dtype=torch.int32, device=x.device)
     consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam_size, precision=precision,
-                             emulate=x.device.type == "cpu")
+                             emulate=x.device.type == "cpu", weighted=weighted)
+    weight_arg = weights.to(x.device) if weighted else sq_norms  # unweighted: never read
     traceable(_beam_search_kernel)[(programs,)](
-        x.contiguous(), codes, sq_norms, starts, indices, sq_error, scratch, history, n, dim,
+        x.contiguous(), codes, sq_norms, starts, indices, sq_error, scratch, history, weight_arg, n, dim,
         **consts, **launch_options(tiles))
     return indices, sq_error
 

@@ -211,16 +211,19 @@ def beam_tiles(dim: int, precision: str, arch: str, beam_size: int) -> TileConfi
 
 
 def beam_constexprs(tiles: TileConfig, *, num_layers: int, beam_size: int, precision: str,
-                    emulate: bool) -> Dict[str, object]:
-    """The beam kernel's compile-time arguments (launcher and report build them here)."""
+                    emulate: bool, weighted: bool = False) -> Dict[str, object]:
+    """The beam kernel's compile-time arguments (launcher and report build them here);
+    ``weighted``: vector-quantize-pytorch's per-layer score ranking (``WEIGHTED``)."""
     return dict(NUM_LAYERS=num_layers, BEAM=beam_size, BEAM_PAD=1 << (beam_size - 1).bit_length(),
+                WEIGHTED=weighted,
                 SEARCH=precision, EMULATE=emulate, BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k,
                 BLOCK_DC=tiles.block_dc, NUM_DC=tiles.num_chunks)
 
 
 def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, routing: int,
                    arch: str, num_layers: int = 3, grouped: bool = False,
-                   cosine: int = 0, beam_sizes=BEAM_SIZES) -> List[LaunchConfig]:
+                   cosine: int = 0, beam_sizes=BEAM_SIZES,
+                   beam_weighted=(False, True)) -> List[LaunchConfig]:
     """Every launch a launcher can make for these arguments on a GPU of family ``arch``.
 
     ``input_grad`` ignores precision and stats; its launches differ by routing (which layers'
@@ -229,16 +232,18 @@ def launch_configs(kernel: str, dim: int, precision: str, with_stats: bool, rout
     column groups (``residual_quantize_grouped``), a variant of its own; ``cosine``: the forward
     with the cosine-codebook epilogue (``compat.ResidualVQ(use_cosine_sim=True)``, layer_ste routing).
     ``beam`` ignores stats and routing; its launches differ by beam size (``beam_sizes``, default
-    :data:`BEAM_SIZES`).
+    :data:`BEAM_SIZES`) and ranking (``beam_weighted``: ``False`` final error, ``True`` the
+    per-layer weighted scores of vector-quantize-pytorch).
     """
     if kernel == "beam":
         configs = []
         for beam in beam_sizes:
-            tiles = beam_tiles(dim, precision, arch, beam)
-            consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam, precision=precision,
-                                     emulate=False)
-            configs.append(LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages,
-                                        tiles.max_registers))
+            for weighted in beam_weighted:
+                tiles = beam_tiles(dim, precision, arch, beam)
+                consts = beam_constexprs(tiles, num_layers=num_layers, beam_size=beam, precision=precision,
+                                         emulate=False, weighted=weighted)
+                configs.append(LaunchConfig(kernel, consts, tiles.num_warps, tiles.num_stages,
+                                            tiles.max_registers))
         return configs
     if kernel == "forward":
         tiles = forward_tiles(dim, precision, arch, grouped=grouped, cosine=bool(cosine))

@@ -275,7 +275,8 @@ def pick_ptxas(candidates: Sequence[str], arch: str = "sm_90a") -> Tuple[Optiona
 def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[str] = KERNELS,
                    precisions: Iterable[str] = FORWARD_PRECISIONS, stats: Iterable[bool] = (False, True),
                    routings: Iterable[int] = ROUTINGS, grouped: Iterable[bool] = (False, True),
-                   cosine: Iterable[int] = (0, 1), beam_sizes: Iterable[int] = BEAM_SIZES) -> List[Row]:
+                   cosine: Iterable[int] = (0, 1), beam_sizes: Iterable[int] = BEAM_SIZES,
+                   beam_weighted: Iterable[bool] = (False, True)) -> List[Row]:
     """One row per distinct launch configuration (duplicates, e.g. input-grad launches that do
     not depend on precision, appear once)."""
     rows, seen = [], set()
@@ -293,7 +294,8 @@ def enumerate_rows(archs: Iterable[str], dims: Iterable[int], kernels: Iterable[
                                         for cfg in launch_configs(kernel, dim,
                                                                   precision if precision != "-" else "ieee",
                                                                   with_stats, routing, family, grouped=g,
-                                                                  cosine=c, beam_sizes=beam_sizes)):
+                                                                  cosine=c, beam_sizes=beam_sizes,
+                                                                  beam_weighted=tuple(beam_weighted))):
                                 variant = _variant(cfg)
                                 key = (arch, dim, kernel, variant, tuple(sorted(cfg.constexprs.items())),
                                        cfg.num_warps, cfg.num_stages, cfg.max_registers)
@@ -318,7 +320,7 @@ def _precisions(kernel: str, precisions: Iterable[str]) -> Tuple[str, ...]:
 
 def _variant(cfg: LaunchConfig) -> str:
     if cfg.kernel == "beam":
-        return f"beam={cfg.constexprs['BEAM']}"
+        return f"beam={cfg.constexprs['BEAM']}" + (",weighted" if cfg.constexprs["WEIGHTED"] else "")
     if cfg.kernel == "input_grad":
         return ("grad_out" if cfg.constexprs["HAS_GRAD_OUT"] else "no_grad_out") + \
             f",commit={cfg.constexprs['COMMIT_LAYERS']}"
@@ -358,13 +360,16 @@ BEAM_CI_DIMS = (32, 96, 256, 768)
 
 
 def beam_ci_rows(archs: Iterable[str]) -> List[Row]:
-    """The beam kernel's CI rows (42): beam 4 at D 32, 96 (odd chunk count), 256 and 768 (many
-    chunks), beams 2 and 8 at D 768 and beam 3 (padded to 4) at D 64, in every precision."""
-    def beam_rows(dims, beams):
+    """The beam kernel's CI rows (60): beam 4 at D 32, 96 (odd chunk count), 256 and 768 (many
+    chunks), beams 2 and 8 at D 768 and beam 3 (padded to 4) at D 64, in every precision; the
+    weighted ranking (``WEIGHTED``, one more register row per path) at beam 4, D 32 and 768, and
+    beam 8, D 768."""
+    def beam_rows(dims, beams, weighted=(False,)):
         return enumerate_rows(archs, dims, kernels=("beam",), precisions=BEAM_PRECISIONS,
-                              stats=(False,), routings=(0,), beam_sizes=beams)
+                              stats=(False,), routings=(0,), beam_sizes=beams, beam_weighted=weighted)
 
-    return beam_rows(BEAM_CI_DIMS, (4,)) + beam_rows((768,), (2, 8)) + beam_rows((64,), (3,))
+    return (beam_rows(BEAM_CI_DIMS, (4,)) + beam_rows((768,), (2, 8)) + beam_rows((64,), (3,))
+            + beam_rows((32, 768), (4,), (True,)) + beam_rows((768,), (8,), (True,)))
 
 
 def compile_rows(rows: List[Row], ptxas: str, jobs: int = 1) -> List[Row]:

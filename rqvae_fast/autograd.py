@@ -31,17 +31,18 @@ class ResidualQuantizeFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, layer_sizes: Tuple[int, ...],
                 commitment_cost: float, routing_mode: int, codebook_loss: bool, precision: str,
                 triton_path: bool, with_stats: bool, deterministic: bool, active: int = -1,
-                beam_size: int = 1):
+                beam_size: int = 1, beam_weights=None):
         """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks); only the
         first ``active`` layers run (``0 <= active <= L``, quantize dropout; ``-1``: all).
-        ``beam_size > 1``: beam-search codes (:mod:`rqvae_fast.beam_path`, not fused)."""
+        ``beam_size > 1``: beam-search codes (:mod:`rqvae_fast.beam_path`, not fused), ranked
+        by ``beam_weights`` (a tuple, one per layer) when given."""
         active = len(layer_sizes) if active < 0 else active
         if beam_size > 1:
             from .beam_path import beam_forward
 
             quantized, indices, sse, counts, sums = beam_forward(
                 x, codes, list(layer_sizes), routing=routing.forward_routing(routing_mode),
-                beam_size=beam_size, with_stats=with_stats, active=active)
+                beam_size=beam_size, with_stats=with_stats, active=active, layer_weights=beam_weights)
         else:
             quantized, indices, sse, counts, sums = backend.fused_forward(
                 x, codes, list(layer_sizes), routing.forward_routing(routing_mode), precision, triton_path,
@@ -91,4 +92,4 @@ class ResidualQuantizeFunction(torch.autograd.Function):
             per_layer = grad_losses * (2.0 * ctx.inv_count)
             per_code = torch.cat([per_layer[l].expand(size) for l, size in enumerate(layer_sizes)])
             grad_codes = (per_code[:, None] * (counts[:, None] * codes.float() - sums)).to(codes.dtype)
-        return grad_x, grad_codes, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_codes, None, None, None, None, None, None, None, None, None, None, None

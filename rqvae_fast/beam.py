@@ -7,6 +7,12 @@ leave, ``||x - sum of chosen codewords||^2``), and the ``B`` lowest survive. Tie
 ``(beam, code)`` pair, beams being ordered best first. ``beam_size=1`` runs the greedy pass
 (:func:`greedy_encode`), so it is bit-identical to greedy encoding.
 
+``layer_weights`` (one positive weight ``a_l`` per layer) switches to vector-quantize-pytorch's
+beam ranking: a path's score is ``S = sum_l a_l ||r_l - e_l||^2`` over its layers (the weighted
+per-layer commitment errors, ``r_l`` the residual entering layer ``l``), a candidate's
+``S_parent + a_l ||r_parent - e_k||^2``, and the answer is the path of least score (not of least
+final error). ``None`` is the reconstruction-error ranking above, bit for bit.
+
 The public function is :func:`beam_encode`; its signature is stable (``residual_quantize`` and the
 compat layer reuse it).
 """
@@ -81,37 +87,62 @@ def greedy_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor]
     return codes, sq_error
 
 
-def _beam_chunk(points: torch.Tensor, books, beam_size: int):
+def check_layer_weights(layer_weights, num_layers: int) -> Optional[torch.Tensor]:
+    """``layer_weights`` as an fp32 CPU tensor ``(L,)`` (``None`` stays ``None``); raises unless it
+    holds ``num_layers`` finite positive numbers."""
+    if layer_weights is None:
+        return None
+    try:
+        weights = torch.as_tensor(layer_weights, dtype=torch.float32).detach().cpu().reshape(-1).clone()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"layer_weights must be a sequence of {num_layers} numbers: {exc}") from None
+    if weights.numel() != num_layers:
+        raise ValueError(f"layer_weights needs one weight per layer ({num_layers}), got {weights.numel()}")
+    if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+        raise ValueError(f"layer_weights must be finite and > 0, got {weights.tolist()}")
+    return weights
+
+
+def _beam_chunk(points: torch.Tensor, books, beam_size: int, weights: Optional[torch.Tensor] = None):
     n, dim = points.shape
     residual = points[:, None, :]  # (n, b, D), b = paths kept so far
+    path_score = points.new_zeros((n, 1))  # weighted mode: the kept paths' scores
     codes = torch.empty((n, 1, 0), dtype=torch.int64, device=points.device)
-    for book in books:
+    for layer, book in enumerate(books):
         kept, size = residual.shape[1], book.shape[0]
         flat = residual.reshape(n * kept, dim)
         # ||c||^2 - 2 r.c, plus ||r||^2 only when paths differ (one path: same order, same bits
         # as the greedy pass)
         scores = torch.addmm(book.pow(2).sum(dim=1)[None, :], flat, book.t(), alpha=-2.0)
-        if kept > 1:
+        if kept > 1 or weights is not None:
             scores += flat.pow(2).sum(dim=1, keepdim=True)
-        scores = scores.view(n, kept * size)
+        if weights is not None:  # S_parent + a_l ||r - e||^2
+            scores = path_score[:, :, None] + weights[layer] * scores.view(n, kept, size)
+        scores = scores.reshape(n, kept * size)
         width = min(beam_size, kept * size)
         if width == 1:
             order = scores.argmin(dim=1, keepdim=True)
         else:
             order = torch.sort(scores, dim=1, stable=True).indices[:, :width]
+        if weights is not None:
+            path_score = scores.gather(1, order)
         parent, code = order // size, order % size
         rows = torch.arange(n, device=points.device)[:, None]
         residual = residual[rows, parent] - book.index_select(0, code.reshape(-1)).view(n, width, dim)
         codes = torch.cat([codes[rows, parent], code[:, :, None]], dim=2)
     error = residual.pow(2).sum(dim=2)  # (n, width), exact errors of the kept paths
-    best = error.argmin(dim=1)  # ranks above are exact up to rounding; report the true best
+    if weights is None:
+        best = error.argmin(dim=1)  # ranks above are exact up to rounding; report the true best
+    else:
+        best = torch.zeros(n, dtype=torch.int64, device=points.device)  # least score: rank 0
     rows = torch.arange(n, device=points.device)
     return codes[rows, best], error[rows, best]
 
 
 @torch.no_grad()
 def beam_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: int,
-                chunk_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                chunk_rows: Optional[int] = None, *,
+                layer_weights: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Beam-search residual codes of ``x (N, D)`` (any float dtype; fp32 math).
 
     ``codebooks``: one ``(K_l, D)`` tensor per layer (sizes may differ). Returns
@@ -119,8 +150,14 @@ def beam_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: i
     ``||x - sum_l codebooks[l][indices[:, l]]||^2``. ``beam_size=1`` is greedy encoding
     (it runs :func:`greedy_encode`); larger beams return the best of the paths they keep. Rows are processed ``chunk_rows`` at a time (default: a chunk's candidate scores
     stay near 16 MiB), so memory is bounded for any N. ``x`` is not modified.
+
+    ``layer_weights``: ``None`` (rank by final squared error) or ``L`` positive weights ``a_l``:
+    rank by ``sum_l a_l ||r_l - e_l||^2`` and return the path of least such score (see the module
+    docstring); ``sq_error`` is still that path's squared error. With ``beam_size=1`` the
+    weights change nothing (greedy either way).
     """
     points, books = _check(x, codebooks, beam_size)
+    weights = check_layer_weights(layer_weights, len(books))
     if beam_size == 1:
         return greedy_encode(points, books)
     n = points.shape[0]
@@ -131,8 +168,9 @@ def beam_encode(x: torch.Tensor, codebooks: Sequence[torch.Tensor], beam_size: i
         chunk_rows = max(1, CHUNK_ELEMENTS // widest)
     for lo in range(0, n, chunk_rows):
         hi = min(n, lo + chunk_rows)
-        indices[lo:hi], error[lo:hi] = _beam_chunk(points[lo:hi], books, beam_size)
+        indices[lo:hi], error[lo:hi] = _beam_chunk(
+            points[lo:hi], books, beam_size, None if weights is None else weights.to(points.device))
     return indices, error
 
 
-__all__ = ["beam_encode", "greedy_encode"]
+__all__ = ["beam_encode", "check_layer_weights", "greedy_encode"]

@@ -5,7 +5,8 @@ a CUDA device with Triton and ``B <= 8`` they come from the beam-search kernel
 (:func:`rqvae_fast.kernels.beam_search.beam_search`: every layer in one launch, fp32 ``"ieee"``
 scores, path residuals in a small per-program scratch); elsewhere (CPU, larger beams) from
 :func:`rqvae_fast.beam.beam_encode` (pure PyTorch, chunked over rows). Both rank candidates and
-break ties the same way. The forward then gathers the chosen codes, sums the per-layer squared
+break ties the same way; ``layer_weights`` switches both to vector-quantize-pytorch's ranking
+(a path scored by its weighted per-layer errors, see :mod:`rqvae_fast.beam`). The forward then gathers the chosen codes, sums the per-layer squared
 errors and the per-code statistics with the PyTorch path (:mod:`rqvae_fast.torch_backend`, given
 the indices instead of searching), and the backward is the usual one (the fused input-gradient
 kernel on the Triton path), since it rebuilds everything from the saved indices.
@@ -33,22 +34,26 @@ def use_beam_kernel(x: torch.Tensor, beam_size: int, triton_path: Optional[bool]
 
 
 def encode_paths(rows: torch.Tensor, books: Sequence[torch.Tensor], beam_size: int,
-                 triton_path: Optional[bool] = None) -> torch.Tensor:
+                 triton_path: Optional[bool] = None, layer_weights: Optional[Sequence[float]] = None
+                 ) -> torch.Tensor:
     """``(N, L)`` int64 beam-search codes of finite ``rows (N, D)``: the kernel where
-    :func:`use_beam_kernel` says so, else :func:`rqvae_fast.beam.beam_encode`."""
+    :func:`use_beam_kernel` says so, else :func:`rqvae_fast.beam.beam_encode`; ``layer_weights``
+    (``None`` or ``L`` positive floats) as theirs."""
     if use_beam_kernel(rows, beam_size, triton_path):
         from .kernels.beam_search import beam_search
 
-        return beam_search(rows, books, beam_size)[0]
-    return beam_encode(rows, books, beam_size)[0]
+        return beam_search(rows, books, beam_size, layer_weights=layer_weights)[0]
+    return beam_encode(rows, books, beam_size, layer_weights=layer_weights)[0]
 
 
 def beam_indices(x: torch.Tensor, codes: torch.Tensor, layer_sizes: Sequence[int], beam_size: int,
-                 active: int, triton_path: Optional[bool] = None) -> torch.Tensor:
+                 active: int, triton_path: Optional[bool] = None,
+                 layer_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """``(N, L)`` int64 layer-local beam-search codes of ``x (N, D)`` through the first ``active``
     codebooks of ``codes (K_total, D)`` (stacked); -1 for dropped layers and for rows holding
     NaN/Inf (searched as zero rows, then marked). Raises if an active codebook holds NaN/Inf.
-    ``triton_path``: see :func:`use_beam_kernel`."""
+    ``triton_path``: see :func:`use_beam_kernel`; ``layer_weights``: ``None`` or one per layer of
+    ``layer_sizes`` (the first ``active`` rank the search, see :mod:`rqvae_fast.beam`)."""
     n = x.shape[0]
     indices = torch.full((n, len(layer_sizes)), -1, dtype=torch.int64, device=x.device)
     if n == 0 or active == 0:
@@ -59,18 +64,20 @@ def beam_indices(x: torch.Tensor, codes: torch.Tensor, layer_sizes: Sequence[int
     for layer, book in enumerate(books):
         if not bool(torch.isfinite(book).all()):
             raise ValueError(f"beam_size > 1 needs finite codebooks: codebook {layer} holds NaN/Inf")
-    found = encode_paths(rows, books, beam_size, triton_path)
+    weights = None if layer_weights is None else tuple(layer_weights)[:active]
+    found = encode_paths(rows, books, beam_size, triton_path, weights)
     indices[:, :active] = torch.where(finite[:, None], found, -1)
     return indices
 
 
 def beam_forward(x: torch.Tensor, codes: torch.Tensor, layer_sizes: Sequence[int], *, routing: int,
-                 beam_size: int, with_stats: bool, active: int, triton_path: Optional[bool] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 beam_size: int, with_stats: bool, active: int, triton_path: Optional[bool] = None,
+                 layer_weights: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused forward's outputs (``quantized, indices, sse, counts, sums``; see
     :func:`rqvae_fast.backend.forward_body`) for beam-search codes instead of greedy ones.
-    ``triton_path``: see :func:`use_beam_kernel` (``None``: the kernel on CUDA)."""
-    indices = beam_indices(x, codes, layer_sizes, beam_size, active, triton_path)
+    ``triton_path``: see :func:`use_beam_kernel` (``None``: the kernel on CUDA);
+    ``layer_weights``: see :func:`beam_indices`."""
+    indices = beam_indices(x, codes, layer_sizes, beam_size, active, triton_path, layer_weights)
     with torch.autocast(device_type=x.device.type, enabled=False):
         search_codes, sq_norms = search_operands(codes)
         return torch_backend.residual_quantize_forward(

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .compat_beam import forward_beam_fused, fused_beam_applies
 from .compat_layers import ImplicitCodebookMLP, forward_layers
 from .compat_reference import l2norm
 from .backend import use_triton
@@ -473,7 +474,12 @@ class ResidualVQ(nn.Module):
         sync = distributed.should_sync(self.sync_codebook)
         active = self._active_layers(rows.device, rand_quantize_dropout_fixed_seed)
         path, beam, temperature = self._path(beam_size, sample_codebook_temp)
-        if path == "cosine":
+        if path == "layered" and fused_beam_applies(self, rows, beam, temperature > 0):
+            path = "beam"  # the beam-search kernel, vector-quantize-pytorch's ranking
+        if path == "beam":
+            quantized, all_indices, losses = forward_beam_fused(
+                self, rows, active=active, beam=beam, freeze=freeze_codebook, sync=sync)
+        elif path == "cosine":
             quantized, all_indices, losses = self._forward_cosine(
                 rows, active, freeze_codebook, sync, raw_target=mask is not None)
         elif path == "layered":
@@ -487,7 +493,8 @@ class ResidualVQ(nn.Module):
         return self._output(x, mask, quantized, all_indices, losses, select, lead_shape, return_all_codes)
 
     def _path(self, beam_size: Optional[int], sample_codebook_temp: Optional[float]):
-        """Which path a forward takes: ``("fused" | "cosine" | "layered", beam, temperature)``."""
+        """Which path a forward takes: ``("fused" | "cosine" | "layered", beam, temperature)`` (the
+        forward sends a layered beam search to the beam kernel where :func:`fused_beam_applies`)."""
         beam = beam_size if beam_size is not None else (
             self.beam_size if self.training else self.eval_beam_size)
         beam = 1 if beam is None else beam

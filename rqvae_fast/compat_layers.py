@@ -122,9 +122,9 @@ def forward_layers(model, rows: torch.Tensor, *, active: int, beam: int, tempera
                     ).reshape(n, beams * k, dim)
         total = (total[:, :, None] + out_q.reshape(n, beams, k, dim)).reshape(n, beams * k, dim)
         chosen = torch.cat((chosen[:, :, None].expand(-1, -1, k, -1), pick.reshape(n, beams, k, 1)),
-                           dim=-1).reshape(n, beams * k, -1)
+                           dim=-1).reshape(n, beams * k, layer_id + 1)  # explicit: n may be 0
         losses = torch.cat((losses[:, :, None].expand(-1, -1, k, -1), token_loss[..., None]),
-                           dim=-1).reshape(n, beams * k, -1)
+                           dim=-1).reshape(n, beams * k, layer_id + 1)
         inputs = [t[:, :, None].expand(-1, -1, k, -1).reshape(n, beams * k, dim) for t in inputs]
         keep = 1 if layer_id == active - 1 else beam
         if scores.shape[1] > keep:

@@ -13,6 +13,7 @@ from . import backend as _backend
 from ._validation import check_finite as _check_finite
 from ._validation import check_active_layers, check_inputs
 from .autograd import ResidualQuantizeFunction
+from .beam import check_layer_weights
 from .precision import resolve_precision
 from .result import QuantizeResult
 from .routing import routing_id
@@ -32,6 +33,7 @@ def residual_quantize(
     deterministic: Optional[bool] = None,
     active_layers: Optional[int] = None,
     beam_size: int = 1,
+    beam_weights: Optional[Sequence[float]] = None,
 ) -> QuantizeResult:
     """Quantize ``x (*, D)`` through codebooks ``(K_l, D)`` in one fused pass.
 
@@ -61,12 +63,18 @@ def residual_quantize(
       returns those codes with their output, losses, statistics and gradients (same routing
       semantics). **Not in the fused kernel**: the search and the forward values run in PyTorch
       (the backward is the usual one); codebooks must be finite.
+    - ``beam_weights``: ``None`` (rank paths by final squared error, above) or one positive
+      weight ``a_l`` per codebook: vector-quantize-pytorch's beam ranking, a path scored by
+      ``sum_l a_l ||r_l - e_l||^2`` and the least score returned (see :mod:`rqvae_fast.beam`).
+      Needs ``beam_size > 1`` to matter.
     Nothing passed in is modified.
     """
     check_inputs(x, codebooks)
     active = check_active_layers(active_layers, len(codebooks))
     if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
+    weights = check_layer_weights(beam_weights, len(codebooks))
+    weights = None if weights is None else tuple(weights.tolist())
     routing = routing_id(grad_mode)
     precision = resolve_precision(precision)
     triton_path = _backend.use_triton(backend, x.device)
@@ -88,7 +96,7 @@ def residual_quantize(
 
     quantized, indices, layer_losses, counts, sums = ResidualQuantizeFunction.apply(
         x2d, codes, layer_sizes, float(commitment_cost), routing, codebook_loss,
-        precision, triton_path, with_stats, _deterministic_enabled(deterministic), active, beam_size)
+        precision, triton_path, with_stats, _deterministic_enabled(deterministic), active, beam_size, weights)
     if with_stats:
         code_counts = tuple(counts.split(list(layer_sizes)))
         code_sums = tuple(sums.split(list(layer_sizes)))

@@ -252,6 +252,9 @@ def test_tiles_and_compile_rows():
     rows = report.beam_ci_rows(report.TARGETS)
     seen = {(r.arch, r.precision, r.constexprs["BEAM"]) for r in rows}
     assert {(a, p, b) for a in report.TARGETS for p in config.BEAM_PRECISIONS for b in (2, 3, 4, 8)} <= seen
+    weighted = {(r.arch, r.precision, r.constexprs["BEAM"], r.dim) for r in rows if r.constexprs["WEIGHTED"]}
+    assert {(a, p, 4, d) for a in report.TARGETS for p in config.BEAM_PRECISIONS for d in (32, 768)} <= weighted
+    assert len(rows) == 60 and all(r.variant.endswith(",weighted") == r.constexprs["WEIGHTED"] for r in rows)
     assert all(r.reduced_precision == (r.precision != "ieee") for r in rows)
     with pytest.raises(ValueError, match="precision"):
         config.beam_tiles(32, "exact", "sm90", 4)

@@ -26,6 +26,22 @@ from . import backend, routing
 from .rotation import rotation_input_grad
 
 
+def finish_forward(ctx, saved, sse: torch.Tensor, elements: int, **settings) -> torch.Tensor:
+    """The end of a quantize forward shared by the plain and grouped functions: the per-layer losses
+    ``sse * (commitment_cost + codebook_loss) / elements`` (``elements`` = rows x dims), and what
+    the backward needs on ``ctx``: ``saved = (x, codes, indices, counts, sums)`` and ``settings``
+    (``layer_sizes``, ``commitment_cost``, ``routing_mode``, ``codebook_loss``, ``triton_path``,
+    ``active``) as attributes, plus ``inv_count``."""
+    inv_count = 1.0 / elements if elements > 0 else 0.0
+    weight = settings["commitment_cost"] + (1.0 if settings["codebook_loss"] else 0.0)
+    ctx.save_for_backward(*saved)
+    for name, value in settings.items():
+        setattr(ctx, name, value)
+    ctx.inv_count = inv_count
+    ctx.mark_non_differentiable(*saved[2:])
+    return sse * (weight * inv_count)
+
+
 class ResidualQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, codes: torch.Tensor, layer_sizes: Tuple[int, ...],
@@ -42,25 +58,17 @@ class ResidualQuantizeFunction(torch.autograd.Function):
 
             quantized, indices, sse, counts, sums = beam_forward(
                 x, codes, list(layer_sizes), routing=routing.forward_routing(routing_mode),
-                beam_size=beam_size, with_stats=with_stats, active=active, layer_weights=beam_weights)
+                beam_size=beam_size, with_stats=with_stats, active=active, layer_weights=beam_weights,
+                triton_path=None if triton_path else False)  # backend="torch": no beam kernel
         else:
             quantized, indices, sse, counts, sums = backend.fused_forward(
                 x, codes, list(layer_sizes), routing.forward_routing(routing_mode), precision, triton_path,
                 with_stats, deterministic, active)
         n, dim = x.shape
-        inv_count = 1.0 / (n * dim) if n > 0 else 0.0
-        weight = commitment_cost + (1.0 if codebook_loss else 0.0)
-        layer_losses = sse * (weight * inv_count)
-
-        ctx.save_for_backward(x, codes, indices, counts, sums)
-        ctx.layer_sizes = layer_sizes
-        ctx.commitment_cost = commitment_cost
-        ctx.routing_mode = routing_mode
-        ctx.codebook_loss = codebook_loss
-        ctx.triton_path = triton_path
-        ctx.inv_count = inv_count
-        ctx.active = active
-        ctx.mark_non_differentiable(indices, counts, sums)
+        layer_losses = finish_forward(ctx, (x, codes, indices, counts, sums), sse, n * dim,
+                                      layer_sizes=layer_sizes, commitment_cost=commitment_cost,
+                                      routing_mode=routing_mode, codebook_loss=codebook_loss,
+                                      triton_path=triton_path, active=active)
         return quantized, indices, layer_losses, counts, sums
 
     @staticmethod

@@ -20,6 +20,7 @@ from . import backend as _backend
 from . import routing as _routing
 from ._validation import check_active_layers, check_inputs
 from ._validation import check_finite as _check_finite
+from .autograd import finish_forward
 from .functional import _deterministic_enabled, residual_quantize
 from .precision import resolve_precision
 from .result import QuantizeResult
@@ -206,19 +207,10 @@ class GroupedResidualQuantizeFunction(torch.autograd.Function):
             quantized = torch.cat([p[0] for p in parts], dim=1)
             indices, sse, counts, sums = (torch.stack([p[i] for p in parts]) for i in range(1, 5))
         n = x.shape[0]
-        inv_count = 1.0 / (n * dim) if n > 0 else 0.0
-        weight = commitment_cost + (1.0 if codebook_loss else 0.0)
-        layer_losses = sse * (weight * inv_count)
-
-        ctx.save_for_backward(x, codes, indices, counts, sums)
-        ctx.layer_sizes = layer_sizes
-        ctx.commitment_cost = commitment_cost
-        ctx.routing_mode = routing_mode
-        ctx.codebook_loss = codebook_loss
-        ctx.triton_path = triton_path
-        ctx.inv_count = inv_count
-        ctx.active = active
-        ctx.mark_non_differentiable(indices, counts, sums)
+        layer_losses = finish_forward(ctx, (x, codes, indices, counts, sums), sse, n * dim,
+                                      layer_sizes=layer_sizes, commitment_cost=commitment_cost,
+                                      routing_mode=routing_mode, codebook_loss=codebook_loss,
+                                      triton_path=triton_path, active=active)
         return quantized, indices, layer_losses, counts, sums
 
     @staticmethod

@@ -258,3 +258,19 @@ def test_tiles_and_compile_rows():
     assert all(r.reduced_precision == (r.precision != "ieee") for r in rows)
     with pytest.raises(ValueError, match="precision"):
         config.beam_tiles(32, "exact", "sm90", 4)
+
+
+def test_torch_backend_keeps_the_beam_search_in_pytorch(monkeypatch):
+    """backend="torch" tells beam_path not to use the kernel (on CUDA too); the Triton path lets
+    the device decide (here the CPU: beam_encode)."""
+    from rqvae_fast import beam_path
+    from rqvae_fast.functional import residual_quantize
+
+    x, books = gaussian_data(9, 6, [4, 3], seed=3)
+    seen = []
+    real = beam_path.use_beam_kernel
+    monkeypatch.setattr(beam_path, "use_beam_kernel",
+                        lambda rows, beam, triton_path=None: seen.append(triton_path) or real(rows, beam, triton_path))
+    residual_quantize(x, books, beam_size=2, backend="torch")
+    residual_quantize(x, books, beam_size=2, backend="triton")
+    assert seen == [False, None]

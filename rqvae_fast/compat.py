@@ -13,9 +13,11 @@ quantize dropout passes every codebook and the cutoff as ``active_layers``, a ru
 kernel, so no cutoff compiles a kernel of its own);
 ``use_cosine_sim`` runs in the fused kernels too on the Triton path (their cosine epilogue; the
 PyTorch path: the fused search plus one chunked pass, :mod:`rqvae_fast.cosine`);
-``GroupedResidualVQ`` runs all its groups in one grouped fused pass where it can; beam
-search, Gumbel sampling, implicit neural codebooks, ``quant_grad_frac`` and shared codebooks with
-dead-code reset go layer by layer (:mod:`rqvae_fast.compat_layers`), as their code does.
+``GroupedResidualVQ`` runs all its groups in one grouped fused pass where it can; beam search
+runs in the beam-search kernel on CUDA (:mod:`rqvae_fast.compat_beam`, their path ranking);
+Gumbel sampling, implicit neural codebooks, ``quant_grad_frac``, shared codebooks with dead-code
+reset, and beam search elsewhere go layer by layer (:mod:`rqvae_fast.compat_layers`), as their
+code does.
 
 The ``state_dict`` has the same keys and shapes as vector-quantize-pytorch's ``ResidualVQ`` (
 ``layers.{l}._codebook.{initted, cluster_size, embed_avg, embed}``, ``project_in``/``project_out``), so

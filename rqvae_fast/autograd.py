@@ -50,7 +50,7 @@ class ResidualQuantizeFunction(torch.autograd.Function):
                 beam_size: int = 1, beam_weights=None):
         """x ``(N, D)`` contiguous, codes ``(K_total, D)`` contiguous (stacked codebooks); only the
         first ``active`` layers run (``0 <= active <= L``, quantize dropout; ``-1``: all).
-        ``beam_size > 1``: beam-search codes (:mod:`rqvae_fast.beam_path`, not fused), ranked
+        ``beam_size > 1``: beam-search codes (:mod:`rqvae_fast.beam_path`: the beam kernel on CUDA), ranked
         by ``beam_weights`` (a tuple, one per layer) when given."""
         active = len(layer_sizes) if active < 0 else active
         if beam_size > 1:

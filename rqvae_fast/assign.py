@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .cpu_gemm import matmul_into, single_threaded_blas
+from .cpu_gemm import NUMPY_MIN_DIM, matmul_into, single_threaded_blas
 from .cpu_pool import run_chunks
 from .torch_backend import min_and_first_argmin_
 
@@ -40,12 +40,18 @@ class CpuScorer(NamedTuple):
     """Scores rows against one codebook on CPU, built once per call and shared by its chunks:
     ``scaled_t (D, K)`` = ``-2 c^T`` contiguous (for :func:`rqvae_fast.cpu_gemm.matmul_into`),
     ``offset (K,)`` = ``||c||^2 (+ bias)``, ``positions (K,)`` fp32 ``arange`` (for the vectorized
-    first-argmin), ``bias (K,)`` or None."""
+    first-argmin), ``bias (K,)`` or None. ``augmented``: ``scaled_t`` is ``(D + 1, K)`` with
+    ``offset`` as its last row, and rows get a column of ones, so the matmul adds the offset.
+    Only for narrow rows (``NUMPY_MIN_DIM <= D`` and ``D + 1 <= K / 4``, the middle steps of the
+    progressive k-means), where copying the rows costs less than a pass over the ``(n, K)``
+    scores: 5-13 % faster per assignment at D 9-48, K 256 (one thread, interleaved A/B); at
+    D 1 torch's matmul is faster with one inner dimension than with two."""
 
     scaled_t: torch.Tensor
     offset: torch.Tensor
     positions: torch.Tensor
     bias: Optional[torch.Tensor]
+    augmented: bool = False
 
     @classmethod
     def of(cls, centroids: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "CpuScorer":
@@ -53,12 +59,22 @@ class CpuScorer(NamedTuple):
         if bias is not None:
             offset = offset + bias
         positions = torch.arange(centroids.shape[0], dtype=torch.float32)
-        return cls((-2.0 * centroids).t().contiguous(), offset, positions, bias)
+        scaled_t = (-2.0 * centroids).t()
+        augmented = NUMPY_MIN_DIM <= centroids.shape[1] and \
+            4 * (centroids.shape[1] + 1) <= centroids.shape[0]
+        if augmented:
+            scaled_t = torch.cat([scaled_t, offset[None, :]])
+        return cls(scaled_t.contiguous(), offset, positions, bias, augmented)
 
     def nearest(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(best (n,), codes (n,) int64)`` for ``rows (n, D)``: the code minimising
         ``||c||^2 - 2 x.c + bias`` (ties to the lowest) and that minimum without the bias."""
-        scores = matmul_into(rows.detach(), self.scaled_t).add_(self.offset)
+        rows = rows.detach()
+        if self.augmented:
+            ones = torch.ones((rows.shape[0], 1), dtype=torch.float32)
+            scores = matmul_into(torch.cat([rows, ones], dim=1), self.scaled_t)
+        else:
+            scores = matmul_into(rows, self.scaled_t).add_(self.offset)
         best, idx = min_and_first_argmin_(scores, self.positions)
         if self.bias is not None:
             best = best - self.bias.index_select(0, idx)

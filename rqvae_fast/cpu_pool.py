@@ -181,6 +181,18 @@ def run_chunks(count: int, fn: Callable[[int], None], *, device: torch.device) -
         fn(index)
 
 
+def run_on_one_thread(fn: Callable[[], object]) -> object:
+    """``fn()`` on one worker thread of the pool (one intra-op thread), for a single op such as
+    an eigendecomposition whose multi-threaded library code stalls on a shared machine; on the
+    calling thread when the pool is off (one worker)."""
+    result = []
+    workers = worker_count()
+    if workers > 1:
+        get_pool(workers).run(1, lambda _: result.append(fn()))
+        return result[0]
+    return fn()
+
+
 def _forget_pools_in_child() -> None:
     global _pools_lock
     _pools.clear()  # the threads did not survive the fork

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .assign import assign_and_sum, code_sums, nearest
+from .cpu_pool import run_on_one_thread
 from .functional import residual_quantize
 from .modules import ResidualVQ
 
@@ -30,8 +31,13 @@ KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draw
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
 BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
-PCA_MAX_ROWS = 16384  # principal axes of the progressive k-means from at most this many rows
 FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_ITERS)
+# Residual k-means (semantic IDs): how each layer is trained, measured on WordLlama and the
+# synthetic catalogue against FAISS (docs/PIPELINE.md, "Beyond FAISS's schedule").
+FIRST_COARSE_BALANCE = 0.05 # size penalty in the first layer's partial-width steps (0: none)
+PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of every layer but the last
+LAST_FINAL_ITERS = 20  # at most this many full-width Lloyd iterations in the last layer ...
+LAST_STOP_UNEVEN = 3  # ... which stop, from this many on, at the first that makes sizes less even
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
 
 
@@ -187,25 +193,27 @@ def _cpu(generator: torch.Generator) -> torch.Generator:
 
 
 def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator: torch.Generator,
-           balanced: bool, backend: str, precision: Optional[str]):
+           balance: float, backend: str, precision: Optional[str], stop_uneven: int = 0):
     """``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
 
-    Returns ``(centroids, counts (K,), inertia)`` with counts and inertia (mean squared distance)
-    of the last assignment. On CUDA without balancing, an iteration is one fused quantizer pass
+    Returns ``(centroids, counts (K,), inertia, iterations run)`` with counts and inertia (mean
+    squared distance) of the last assignment. On CUDA without balancing, an iteration is one fused quantizer pass
     (kernel assignment + statistics); elsewhere, chunked ``addmm`` + ``min`` and ``index_add_``
-    (on CPU as fast as the fused path or faster, and it takes the size penalty). With ``balanced``
-    a per-code penalty added to the squared distances grows by :data:`BALANCE_STRENGTH` x the
-    mean distance x the code's relative excess over the even share (clipped to [-1, 1]) each
+    (on CPU as fast as the fused path or faster, and it takes the size penalty). With ``balance``
+    > 0 a per-code penalty added to the squared distances grows by ``balance`` x the mean
+    distance x the code's relative excess over the even share (clipped to [-1, 1]) each
     iteration, so crowded codes shed their boundary rows and small ones gain rows.
     """
     num_codes = centroids.shape[0]
     n = points.shape[0]
+    balanced = balance > 0
     bias = torch.zeros(num_codes, device=points.device) if balanced else None
     counts = torch.zeros(num_codes, device=points.device)
     inertia = float("nan")
     fused = points.device.type == "cuda" and not balanced
     row_sq = None if fused else points.pow(2).sum(dim=1)
-    for _ in range(iters):
+    previous_spread = None
+    for done in range(iters):
         if fused:
             result = residual_quantize(points, [centroids], 0.0, backend=backend,
                                        precision=precision, compute_stats=True)
@@ -216,7 +224,12 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
             inertia_t = dist.mean()
             if bias is not None:
                 excess = (counts * (num_codes / n) - 1.0).clamp(-1.0, 1.0)
-                bias = bias + BALANCE_STRENGTH * inertia_t * excess
+                bias = bias + balance * inertia_t * excess
+        if stop_uneven:
+            spread = float(counts.pow(2).sum())
+            if done >= stop_uneven and previous_spread is not None and spread > previous_spread:
+                return centroids, counts, float(inertia_t), done + 1
+            previous_spread = spread
         updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)
         if bool((counts == 0).any()):
             updated, _ = split_empty(updated, counts, generator)
@@ -224,15 +237,21 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
                 bias = torch.where(counts == 0, torch.zeros_like(bias), bias)
         centroids = updated
         inertia = inertia_t
-    return centroids, counts, float(inertia)
+    return centroids, counts, float(inertia), iters
 
 
 def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
     """``(D, D)`` fp32 orthonormal axes of ``centred (n, D)``, by decreasing variance (fp32
-    scatter matrix, fp64 eigendecomposition)."""
-    cov = (centred.t() @ centred).double()
-    _, vectors = torch.linalg.eigh(cov)
-    return vectors.flip(1).float().contiguous()
+    scatter matrix and eigendecomposition; the axes only order the coarse steps).
+
+    On CPU the eigendecomposition runs on one worker thread of :mod:`rqvae_fast.cpu_pool`:
+    LAPACK's multi-threaded solver stalled on this 2-core machine when another process was busy
+    (0.2-6 s for a 768-d fp64 matrix, against 0.05-0.09 s in fp32 on one thread)."""
+    cov = centred.t() @ centred
+    if cov.device.type != "cpu":
+        return torch.linalg.eigh(cov)[1].flip(1).contiguous()
+    vectors = run_on_one_thread(lambda: torch.linalg.eigh(cov)[1])
+    return vectors.flip(1).contiguous()
 
 
 def progressive_dims(dim: int, steps: int, first: int = MIN_FIRST_WIDTH) -> List[int]:
@@ -250,7 +269,8 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
                        steps: int = PROGRESSIVE_STEPS, seed: Optional[int] = None,
                        max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
                        balanced: bool = False, seeding: str = SEEDING, backend: str = "auto",
-                       precision: Optional[str] = None) -> KMeansResult:
+                       precision: Optional[str] = None, coarse_balance: float = 0.0,
+                       final_iters: Optional[int] = None, stop_uneven: int = 0) -> KMeansResult:
     """k-means of ``data (N, D)`` in progressively more principal dimensions (the default).
 
     As FAISS's residual quantizer trains each layer: at most ``max_points_per_centroid *
@@ -264,8 +284,15 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     (:func:`split_empty`). The coarse steps fix a partition along the directions of largest
     variance; the full-width steps only refine it, so the rich-get-richer drift of k-means on
     near-isotropic residuals (see docs/PIPELINE.md) never starts. ``balanced`` adds the size
-    penalty of :func:`_lloyd` in every step. Returns centroids in the input space; ``counts``
-    of the training rows scaled to ``N``. Fewer rows than codes: rows drawn with replacement.
+    penalty of :func:`_lloyd` (:data:`BALANCE_STRENGTH`) in every step; ``coarse_balance`` > 0
+    adds a penalty of that strength in the partial-width steps only, so the partition starts
+    even and the full-width step is plain Lloyd (the codes a greedy encoder gives).
+    ``final_iters``: Lloyd iterations of the full-width step (default :data:`FINAL_STEP_ITERS`,
+    or ``iters`` when 0); ``stop_uneven`` > 0 stops them, from that many on, at the first
+    iteration whose assignment is less even (larger sum of squared code sizes) than the one
+    before, and returns the centroids that made it.
+    Returns centroids in the input space; ``counts`` of the training rows scaled to ``N``. Fewer
+    rows than codes: rows drawn with replacement.
     """
     points = _check_data(data)
     gen = _generator(points.device, seed)
@@ -279,10 +306,7 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         points = points.index_select(0, pick[: max_points_per_centroid * num_codes])
     mean = points.mean(dim=0)
     centred = points - mean
-    # The axes only order the coarse steps: a sample of rows estimates them well enough.
-    pca_rows = centred if centred.shape[0] <= PCA_MAX_ROWS else centred.index_select(
-        0, torch.randperm(centred.shape[0], generator=gen, device=centred.device)[:PCA_MAX_ROWS])
-    axes = _principal_axes(pca_rows)
+    axes = _principal_axes(centred)  # from every training row, as FAISS
     if seeding not in ("auto", "kmeans++", "random"):
         raise ValueError(f"seeding must be 'auto', 'kmeans++' or 'random', got {seeding!r}")
     if seeding == "auto":
@@ -309,10 +333,14 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         if final:  # back to the input axes
             centroids = (centroids @ axes.t()).contiguous()
         rows = centred if final else rotated[:, :width]  # a strided view: no copy per step
-        step_iters = FINAL_STEP_ITERS if (final and FINAL_STEP_ITERS) else iters
-        centroids, counts, inertia = _lloyd(rows, centroids, step_iters, gen, balanced, backend,
-                                            precision)
-        done += step_iters
+        step_iters = iters
+        if final:
+            step_iters = final_iters if final_iters is not None else (FINAL_STEP_ITERS or iters)
+        balance = BALANCE_STRENGTH if balanced else (0.0 if final else float(coarse_balance))
+        centroids, counts, inertia, ran = _lloyd(rows, centroids, step_iters, gen, balance,
+                                                 backend, precision,
+                                                 stop_uneven=stop_uneven if final else 0)
+        done += ran
     centroids = (centroids + mean).contiguous()
     counts = counts * (n / points.shape[0])
     return KMeansResult(centroids, counts, inertia, done)
@@ -366,7 +394,8 @@ def _nearest(array: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: Optional[int] = None,
            seed: Optional[int] = None, backend: str = "auto", precision: Optional[str] = None,
-           balanced: bool = False) -> KMeansResult:
+           balanced: bool = False, coarse_balance: float = 0.0,
+           final_iters: Optional[int] = None, stop_uneven: int = 0) -> KMeansResult:
     """k-means of ``data (N, D)`` by ``method``:
 
     - ``"auto"`` / ``"progressive"``: :func:`progressive_kmeans` (``iters`` per step, default
@@ -375,7 +404,8 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
       default 20);
     - ``"sklearn"``: scikit-learn's k-means++ (the seed's choice; skews deep residual layers).
 
-    ``balanced`` (progressive only) adds a size penalty to the assignment (see :func:`_lloyd`).
+    ``balanced``, ``coarse_balance`` and ``final_iters`` (progressive only): see
+    :func:`progressive_kmeans`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -387,7 +417,9 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
         return fused_kmeans(data, num_codes, iters=20 if iters is None else iters, seed=seed,
                             backend=backend, precision=precision)
     return progressive_kmeans(data, num_codes, iters=PROGRESSIVE_ITERS if iters is None else iters,
-                              seed=seed, balanced=balanced, backend=backend, precision=precision)
+                              seed=seed, balanced=balanced, backend=backend, precision=precision,
+                              coarse_balance=coarse_balance, final_iters=final_iters,
+                              stop_uneven=stop_uneven)
 
 
 def _assign(points: torch.Tensor, centroids: torch.Tensor, backend: str,
@@ -406,17 +438,36 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
                     precision: Optional[str] = None, balanced: bool = False) -> List[KMeansResult]:
     """Layer-wise k-means: layer ``l`` clusters the residuals layers ``< l`` leave of ``data (N, D)``.
 
+    Every layer starts from the same ``seed`` (as FAISS's residual quantizer: a deep layer is
+    seeded by the residuals of the rows that seeded the first). With the progressive k-means
+    (the default) each layer is trained for its part in a semantic ID: the first layer with a
+    size penalty in its partial-width steps (:data:`FIRST_COARSE_BALANCE`: even first-code
+    groups); every layer but the last with :data:`PREFIX_FINAL_ITERS` full-width iterations (a
+    lower error); the last layer, which splits the prefix groups into IDs, stops its full-width
+    iterations (from :data:`LAST_STOP_UNEVEN` on) at the first that makes its code sizes less
+    even (on WordLlama and the synthetic catalogue: early, where Lloyd's drift toward uneven codes
+    begins, and fewer items share an ID), at most :data:`LAST_FINAL_ITERS`.
+    docs/PIPELINE.md has the measurements. An explicit ``iters`` sets every step's count.
     Returns one :class:`KMeansResult` per layer. ``data`` is not modified.
     """
     residual = _check_data(data)
     results = []
+    progressive = method in ("auto", "progressive")
     for layer, size in enumerate(codebook_sizes):
-        layer_seed = None if seed is None else int(seed) + 1009 * layer
-        fitted = kmeans(residual, int(size), method=method, iters=iters, seed=layer_seed,
-                        backend=backend, precision=precision, balanced=balanced)
+        schedule = {}
+        if progressive:
+            last = layer == len(codebook_sizes) - 1
+            schedule = {"coarse_balance": FIRST_COARSE_BALANCE if layer == 0 and not last else 0.0,
+                        "final_iters": LAST_FINAL_ITERS if last else PREFIX_FINAL_ITERS,
+                        "stop_uneven": LAST_STOP_UNEVEN if last else 0}
+            if iters is not None:  # an explicit count applies to every step
+                schedule["final_iters"] = iters
+        fitted = kmeans(residual, int(size), method=method, iters=iters, seed=seed,
+                        backend=backend, precision=precision, balanced=balanced, **schedule)
         results.append(fitted)
-        _, quantized = _assign(residual, fitted.centroids, backend, precision)
-        residual = residual - quantized
+        if layer < len(codebook_sizes) - 1:  # the last layer's residuals are not needed
+            _, quantized = _assign(residual, fitted.centroids, backend, precision)
+            residual = residual - quantized
     return results
 
 
@@ -513,11 +564,12 @@ class RQKMeans(nn.Module):
             balanced: bool = False, refine: int = REFINE_ROUNDS) -> "RQKMeans":
         """Learn the codebooks from ``data (N, D)`` (a random ``max_samples`` rows if given).
 
-        ``method`` and ``iters``: see :func:`kmeans` (default: progressive-dimension k-means,
-        10 iterations per step). ``balanced``: size-penalised k-means in every layer (more even
-        layer-wise sizes; on WordLlama it did not cut shared IDs, the balanced *assignment*
-        ``get_semantic_ids(..., balanced=True)`` does). ``refine``:
-        rounds of :func:`refine_codebooks` after the layer-wise k-means (lower error)."""
+        ``method`` and ``iters``: see :func:`kmeans` (default: progressive-dimension k-means
+        with :func:`residual_kmeans`'s per-layer schedule). ``balanced``: size-penalised k-means
+        in every step of every layer (more even layer-wise sizes; on WordLlama it did not cut
+        shared IDs, the balanced *assignment* ``get_semantic_ids(..., balanced=True)`` does).
+        ``refine``: rounds of :func:`refine_codebooks` after the layer-wise k-means (lower
+        error)."""
         data = data.to(self.vq.codebooks[0].device)
         if max_samples is not None and data.shape[0] > max_samples:
             gen = _generator(torch.device("cpu"), seed)

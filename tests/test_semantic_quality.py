@@ -234,3 +234,45 @@ def test_read_safetensors(tmp_path):
         read_safetensors(path)
     with pytest.raises(KeyError, match="no tensor"):
         read_safetensors(path, "c")
+
+
+def test_last_layer_stops_where_lloyd_drifts_toward_uneven_codes():
+    # Issue 11: on near-isotropic residuals more full-width Lloyd iterations let more items share
+    # an ID. With ``stop_uneven`` the full-width step stops at the first iteration whose code
+    # sizes are less even than the one before, and returns the centroids that made it (so the
+    # greedy codes of the training rows are the counts it reports).
+    x = torch.randn(3000, 32, generator=torch.Generator().manual_seed(0))
+    full = progressive_kmeans(x, 64, seed=0, steps=3, iters=5, final_iters=20)
+    stopped = progressive_kmeans(x, 64, seed=0, steps=3, iters=5, final_iters=20, stop_uneven=3)
+    assert full.iterations == 2 * 5 + 20
+    assert 2 * 5 + 3 < stopped.iterations < full.iterations
+    codes, _ = nearest(x, stopped.centroids)
+    assert np.bincount(codes.numpy(), minlength=64).tolist() == stopped.counts.long().tolist()
+    never = progressive_kmeans(x, 64, seed=0, steps=3, iters=5, final_iters=20, stop_uneven=0)
+    assert torch.equal(never.centroids, full.centroids)
+
+
+def test_first_layer_coarse_balance_evens_out_first_codes(monkeypatch):
+    # Issue 11: prefix coherence is a pair-weighted mean, so the biggest first-code groups set
+    # it; the size penalty in the first layer's partial-width steps evens them out, and leaves
+    # the deeper layers' k-means plain (a penalised deep layer emptied codes on the synthetic set).
+    import rqvae_fast.kmeans as km
+
+    rng = np.random.default_rng(1)  # near-isotropic rows, as WordLlama's
+    x = torch.from_numpy((rng.normal(size=(4000, 16)) * np.linspace(2, 0.5, 16)).astype(np.float32))
+    balances = []
+    original = km.kmeans
+
+    def spy(*args, **kwargs):
+        balances.append(kwargs.get("coarse_balance"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(km, "kmeans", spy)
+    ppl = []
+    for strength in (0.0, km.FIRST_COARSE_BALANCE):
+        monkeypatch.setattr(km, "FIRST_COARSE_BALANCE", strength)
+        model = RQKMeans(16, 3, 64).fit(x, seed=0)
+        codes, _ = greedy_encode(x, [b.detach() for b in model.vq.codebooks])
+        ppl.append(perplexity(np.bincount(codes[:, 0].numpy(), minlength=64)))
+    assert balances[3:] == [km.FIRST_COARSE_BALANCE, 0.0, 0.0]
+    assert ppl[1] > ppl[0]

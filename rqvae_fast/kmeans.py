@@ -34,7 +34,7 @@ SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
 FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_ITERS)
 # Residual k-means (semantic IDs): how each layer is trained, measured on WordLlama and the
 # synthetic catalogue against FAISS (docs/PIPELINE.md, "Beyond FAISS's schedule").
-FIRST_COARSE_BALANCE = 0.05 # size penalty in the first layer's partial-width steps (0: none)
+FIRST_COARSE_BALANCE = 0.05  # size penalty in the first layer's partial-width steps (0: none)
 PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of every layer but the last
 LAST_FINAL_ITERS = 20  # at most this many full-width Lloyd iterations in the last layer ...
 LAST_STOP_UNEVEN = 3  # ... which stop, from this many on, at the first that makes sizes less even
@@ -197,12 +197,13 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     """``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
 
     Returns ``(centroids, counts (K,), inertia, iterations run)`` with counts and inertia (mean
-    squared distance) of the last assignment. On CUDA without balancing, an iteration is one fused quantizer pass
-    (kernel assignment + statistics); elsewhere, chunked ``addmm`` + ``min`` and ``index_add_``
-    (on CPU as fast as the fused path or faster, and it takes the size penalty). With ``balance``
-    > 0 a per-code penalty added to the squared distances grows by ``balance`` x the mean
-    distance x the code's relative excess over the even share (clipped to [-1, 1]) each
-    iteration, so crowded codes shed their boundary rows and small ones gain rows.
+    squared distance) of the last assignment. On CUDA without balancing, an iteration is one
+    fused quantizer pass (kernel assignment + statistics); elsewhere, chunked ``addmm`` +
+    ``min`` and ``index_add_`` (on CPU as fast as the fused path or faster, and it takes the size
+    penalty). With ``balance`` > 0 a per-code penalty added to the squared distances grows by
+    ``balance`` x the mean distance x the code's relative excess over the even share (clipped to
+    [-1, 1]) each iteration, so crowded codes shed their boundary rows and small ones gain rows.
+    ``stop_uneven`` > 0: see :func:`progressive_kmeans`.
     """
     num_codes = centroids.shape[0]
     n = points.shape[0]
@@ -404,8 +405,8 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
       default 20);
     - ``"sklearn"``: scikit-learn's k-means++ (the seed's choice; skews deep residual layers).
 
-    ``balanced``, ``coarse_balance`` and ``final_iters`` (progressive only): see
-    :func:`progressive_kmeans`.
+    ``balanced``, ``coarse_balance``, ``final_iters`` and ``stop_uneven`` (progressive only):
+    see :func:`progressive_kmeans`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

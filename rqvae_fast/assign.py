@@ -70,9 +70,8 @@ class CpuScorer(NamedTuple):
         """``(best (n,), codes (n,) int64)`` for ``rows (n, D)``: the code minimising
         ``||c||^2 - 2 x.c + bias`` (ties to the lowest) and that minimum without the bias."""
         rows = rows.detach()
-        if self.augmented:
-            ones = torch.ones((rows.shape[0], 1), dtype=torch.float32)
-            scores = matmul_into(torch.cat([rows, ones], dim=1), self.scaled_t)
+        if self.augmented:  # rows with a column of ones: one copy
+            scores = matmul_into(torch.nn.functional.pad(rows, (0, 1), value=1.0), self.scaled_t)
         else:
             scores = matmul_into(rows, self.scaled_t).add_(self.offset)
         best, idx = min_and_first_argmin_(scores, self.positions)

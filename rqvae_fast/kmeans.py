@@ -249,9 +249,11 @@ def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
     LAPACK's multi-threaded solver stalled on this 2-core machine when another process was busy
     (0.2-6 s for a 768-d fp64 matrix, against 0.05-0.09 s in fp32 on one thread)."""
     cov = centred.t() @ centred
-    if cov.device.type != "cpu":
-        return torch.linalg.eigh(cov)[1].flip(1).contiguous()
-    vectors = run_on_one_thread(lambda: torch.linalg.eigh(cov)[1])
+
+    def solve() -> torch.Tensor:
+        return torch.linalg.eigh(cov)[1]
+
+    vectors = solve() if cov.device.type != "cpu" else run_on_one_thread(solve)
     return vectors.flip(1).contiguous()
 
 
@@ -455,9 +457,9 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
     results = []
     progressive = method in ("auto", "progressive")
     for layer, size in enumerate(codebook_sizes):
+        last = layer == len(codebook_sizes) - 1
         schedule = {}
         if progressive:
-            last = layer == len(codebook_sizes) - 1
             schedule = {"coarse_balance": FIRST_COARSE_BALANCE if layer == 0 and not last else 0.0,
                         "final_iters": LAST_FINAL_ITERS if last else PREFIX_FINAL_ITERS,
                         "stop_uneven": LAST_STOP_UNEVEN if last else 0}
@@ -466,7 +468,7 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
         fitted = kmeans(residual, int(size), method=method, iters=iters, seed=seed,
                         backend=backend, precision=precision, balanced=balanced, **schedule)
         results.append(fitted)
-        if layer < len(codebook_sizes) - 1:  # the last layer's residuals are not needed
+        if not last:  # the last layer's residuals are not needed
             _, quantized = _assign(residual, fitted.centroids, backend, precision)
             residual = residual - quantized
     return results

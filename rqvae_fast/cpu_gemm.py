@@ -91,15 +91,72 @@ def backend() -> str:
     return _choice
 
 
-def matmul_into(rows: torch.Tensor, codes_t: torch.Tensor) -> torch.Tensor:
-    """``rows (n, D) @ codes_t (D, K)`` as a new ``(n, K)`` fp32 CPU tensor; ``codes_t`` must be
-    contiguous when NumPy does the work (only from D = :data:`NUMPY_MIN_DIM`: below, OpenBLAS's
-    per-call overhead outweighs its faster kernel)."""
+def matmul_into(rows: torch.Tensor, codes_t: torch.Tensor,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rows (n, D) @ codes_t (D, K)`` as an ``(n, K)`` fp32 CPU tensor, new or ``out`` (a
+    contiguous one); ``codes_t`` must be contiguous when NumPy does the work (only from D =
+    :data:`NUMPY_MIN_DIM`: below, OpenBLAS's per-call overhead outweighs its faster kernel)."""
     if rows.shape[1] < NUMPY_MIN_DIM or backend() == "torch":
-        return torch.mm(rows, codes_t)
-    out = torch.empty((rows.shape[0], codes_t.shape[1]), dtype=torch.float32)
+        return torch.mm(rows, codes_t, out=out)
+    if out is None:
+        out = torch.empty((rows.shape[0], codes_t.shape[1]), dtype=torch.float32)
     np.matmul(rows.numpy(), codes_t.numpy(), out=out.numpy())
     return out
 
 
-__all__ = ["GEMM_ENV", "NUMPY_MIN_DIM", "backend", "matmul_into", "single_threaded_blas"]
+ROWS_PER_BLOCK = 4096  # rows of one block of the pool-run products below
+
+
+def _pooled(a: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and a.dtype == torch.float32 and not a.requires_grad \
+        and a.dim() == 2 and a.shape[0] > ROWS_PER_BLOCK
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (n, D) @ b (D, K)`` fp32 for one large product (the k-means' rotations): blocks of
+    :data:`ROWS_PER_BLOCK` rows on :mod:`rqvae_fast.cpu_pool`'s workers, each with
+    :func:`matmul_into`, so it runs on the faster BLAS one thread per worker as the passes do
+    (a multi-threaded OpenBLAS call would leave its threads spinning on the cores while the next
+    pass's workers start). Anything else (small, other devices or dtypes): ``torch.mm``."""
+    if not _pooled(a):
+        return torch.mm(a, b)
+    from .cpu_pool import run_chunks
+
+    rhs = b.detach().contiguous()
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+    def block(index: int) -> None:
+        lo = index * ROWS_PER_BLOCK
+        matmul_into(a[lo:lo + ROWS_PER_BLOCK], rhs, out=out[lo:lo + ROWS_PER_BLOCK])
+
+    with single_threaded_blas():
+        run_chunks((a.shape[0] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, block, device=a.device)
+    return out
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """``a.T @ a`` ``(D, D)`` fp32 of ``a (n, D)`` (a scatter matrix), summed over blocks of
+    :data:`ROWS_PER_BLOCK` rows computed on the pool's workers and added in block order (the
+    result does not depend on the number of workers); ``torch.mm`` for small or non-CPU input."""
+    if not _pooled(a):
+        return a.t() @ a
+    from .cpu_pool import run_chunks
+
+    count = (a.shape[0] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    partials = [None] * count
+
+    def block(index: int) -> None:
+        rows = a[index * ROWS_PER_BLOCK:(index + 1) * ROWS_PER_BLOCK]
+        partials[index] = matmul_into(rows.t(), rows.contiguous()) \
+            if rows.shape[0] >= NUMPY_MIN_DIM else rows.t() @ rows
+
+    with single_threaded_blas():
+        run_chunks(count, block, device=a.device)
+    total = partials[0]
+    for partial in partials[1:]:
+        total += partial
+    return total
+
+
+__all__ = ["GEMM_ENV", "NUMPY_MIN_DIM", "ROWS_PER_BLOCK", "backend", "gram", "matmul",
+           "matmul_into", "single_threaded_blas"]

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .assign import assign_and_sum, code_sums, nearest
+from ._validation import all_finite
+from .assign import assign_and_sum, code_sums, nearest, row_sq_norms
+from .cpu_gemm import gram, matmul
 from .cpu_pool import run_on_one_thread
 from .functional import residual_quantize
 from .modules import ResidualVQ
@@ -35,7 +37,8 @@ FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_
 # Residual k-means (semantic IDs): how each layer is trained, measured on WordLlama and the
 # synthetic catalogue against FAISS (docs/PIPELINE.md, "Beyond FAISS's schedule").
 FIRST_COARSE_BALANCE = 0.05  # size penalty in the first layer's partial-width steps (0: none)
-PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of every layer but the last
+PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of every layer but the last, at most:
+PREFIX_STOP_TOL = 1e-5  # they stop at one that lowers the inertia by less than this fraction
 LAST_FINAL_ITERS = 20  # at most this many full-width Lloyd iterations in the last layer ...
 LAST_STOP_UNEVEN = 3  # ... which stop, from this many on, at the first that makes sizes less even
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
@@ -67,7 +70,7 @@ def _check_data(data: torch.Tensor) -> torch.Tensor:
     if data.shape[0] == 0:
         raise ValueError("k-means data holds no rows")
     points = data.detach().float().contiguous()
-    if not bool(torch.isfinite(points).all()):
+    if not all_finite(points):
         raise ValueError("k-means data holds NaN/Inf values")
     return points
 
@@ -193,8 +196,9 @@ def _cpu(generator: torch.Generator) -> torch.Generator:
 
 
 def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator: torch.Generator,
-           balance: float, backend: str, precision: Optional[str], stop_uneven: int = 0):
-    """``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
+           balance: float, backend: str, precision: Optional[str], stop_uneven: int = 0,
+           tol: float = 0.0):
+    """At most ``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
 
     Returns ``(centroids, counts (K,), inertia, iterations run)`` with counts and inertia (mean
     squared distance) of the last assignment. On CUDA without balancing, an iteration is one
@@ -204,6 +208,11 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     ``balance`` x the mean distance x the code's relative excess over the even share (clipped to
     [-1, 1]) each iteration, so crowded codes shed their boundary rows and small ones gain rows.
     ``stop_uneven`` > 0: see :func:`progressive_kmeans`.
+
+    Stops early at a fixed point: an assignment equal to the previous one, with no empty code
+    and no penalty, gives the centroids it was made with, so every later iteration would repeat
+    it (the result is the one all ``iters`` give). ``tol`` > 0 also stops after the first
+    iteration that lowers the inertia by less than ``tol`` times the previous inertia.
     """
     num_codes = centroids.shape[0]
     n = points.shape[0]
@@ -212,16 +221,18 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     counts = torch.zeros(num_codes, device=points.device)
     inertia = float("nan")
     fused = points.device.type == "cuda" and not balanced
-    row_sq = None if fused else points.pow(2).sum(dim=1)
+    row_sq = None if fused else row_sq_norms(points)
     previous_spread = None
+    previous_codes = None
+    previous_inertia = None
     for done in range(iters):
         if fused:
             result = residual_quantize(points, [centroids], 0.0, backend=backend,
                                        precision=precision, compute_stats=True)
-            counts, sums = result.code_counts[0], result.code_sums[0]
+            codes, counts, sums = result.indices[:, 0], result.code_counts[0], result.code_sums[0]
             inertia_t = result.layer_losses[0] * points.shape[1]
         else:
-            _, dist, counts, sums = assign_and_sum(points, centroids, bias, row_sq)
+            codes, dist, counts, sums = assign_and_sum(points, centroids, bias, row_sq)
             inertia_t = dist.mean()
             if bias is not None:
                 excess = (counts * (num_codes / n) - 1.0).clamp(-1.0, 1.0)
@@ -231,14 +242,22 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
             if done >= stop_uneven and previous_spread is not None and spread > previous_spread:
                 return centroids, counts, float(inertia_t), done + 1
             previous_spread = spread
+        empty = bool((counts == 0).any())
         updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)
-        if bool((counts == 0).any()):
+        if empty:
             updated, _ = split_empty(updated, counts, generator)
             if bias is not None:  # a code split off a crowded one starts without a penalty
                 bias = torch.where(counts == 0, torch.zeros_like(bias), bias)
         centroids = updated
-        inertia = inertia_t
-    return centroids, counts, float(inertia), iters
+        inertia = float(inertia_t)
+        if not balanced and not empty and previous_codes is not None \
+                and torch.equal(codes, previous_codes):
+            return centroids, counts, inertia, done + 1  # a fixed point
+        if tol > 0 and previous_inertia is not None \
+                and previous_inertia - inertia <= tol * previous_inertia:
+            return centroids, counts, inertia, done + 1
+        previous_codes, previous_inertia = codes, inertia
+    return centroids, counts, inertia, iters
 
 
 def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
@@ -248,7 +267,7 @@ def _principal_axes(centred: torch.Tensor) -> torch.Tensor:
     On CPU the eigendecomposition runs on one worker thread of :mod:`rqvae_fast.cpu_pool`:
     LAPACK's multi-threaded solver stalled on this 2-core machine when another process was busy
     (0.2-6 s for a 768-d fp64 matrix, against 0.05-0.09 s in fp32 on one thread)."""
-    cov = centred.t() @ centred
+    cov = gram(centred)
 
     def solve() -> torch.Tensor:
         return torch.linalg.eigh(cov)[1]
@@ -273,7 +292,8 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
                        max_points_per_centroid: Optional[int] = MAX_POINTS_PER_CENTROID,
                        balanced: bool = False, seeding: str = SEEDING, backend: str = "auto",
                        precision: Optional[str] = None, coarse_balance: float = 0.0,
-                       final_iters: Optional[int] = None, stop_uneven: int = 0) -> KMeansResult:
+                       final_iters: Optional[int] = None, stop_uneven: int = 0,
+                       final_tol: float = 0.0) -> KMeansResult:
     """k-means of ``data (N, D)`` in progressively more principal dimensions (the default).
 
     As FAISS's residual quantizer trains each layer: at most ``max_points_per_centroid *
@@ -293,7 +313,9 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     ``final_iters``: Lloyd iterations of the full-width step (default :data:`FINAL_STEP_ITERS`,
     or ``iters`` when 0); ``stop_uneven`` > 0 stops them, from that many on, at the first
     iteration whose assignment is less even (larger sum of squared code sizes) than the one
-    before, and returns the centroids that made it.
+    before, and returns the centroids that made it; ``final_tol`` > 0 stops them at the first
+    that lowers the inertia by less than that fraction (every step stops at a fixed point: see
+    :func:`_lloyd`).
     Returns centroids in the input space; ``counts`` of the training rows scaled to ``N``. Fewer
     rows than codes: rows drawn with replacement.
     """
@@ -320,7 +342,7 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     # Only the partial-width steps need rotated rows; the full-width step runs on the centred
     # rows themselves (distances do not change under a rotation) with the centroids rotated back.
     partial = widths[-2] if len(widths) > 1 else widths[0]
-    rotated = centred @ axes[:, :partial]
+    rotated = matmul(centred, axes[:, :partial])
     if seeding == "kmeans++":  # in the first step's few principal dimensions
         centroids = kmeans_plusplus(rotated[:, : widths[0]].contiguous(), num_codes, gen,
                                     KMEANS_PP_ROWS_PER_CODE * num_codes)
@@ -342,7 +364,8 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         balance = BALANCE_STRENGTH if balanced else (0.0 if final else float(coarse_balance))
         centroids, counts, inertia, ran = _lloyd(rows, centroids, step_iters, gen, balance,
                                                  backend, precision,
-                                                 stop_uneven=stop_uneven if final else 0)
+                                                 stop_uneven=stop_uneven if final else 0,
+                                                 tol=final_tol if final else 0.0)
         done += ran
     centroids = (centroids + mean).contiguous()
     counts = counts * (n / points.shape[0])
@@ -398,7 +421,8 @@ def _nearest(array: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: Optional[int] = None,
            seed: Optional[int] = None, backend: str = "auto", precision: Optional[str] = None,
            balanced: bool = False, coarse_balance: float = 0.0,
-           final_iters: Optional[int] = None, stop_uneven: int = 0) -> KMeansResult:
+           final_iters: Optional[int] = None, stop_uneven: int = 0,
+           final_tol: float = 0.0) -> KMeansResult:
     """k-means of ``data (N, D)`` by ``method``:
 
     - ``"auto"`` / ``"progressive"``: :func:`progressive_kmeans` (``iters`` per step, default
@@ -407,8 +431,8 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
       default 20);
     - ``"sklearn"``: scikit-learn's k-means++ (the seed's choice; skews deep residual layers).
 
-    ``balanced``, ``coarse_balance``, ``final_iters`` and ``stop_uneven`` (progressive only):
-    see :func:`progressive_kmeans`.
+    ``balanced``, ``coarse_balance``, ``final_iters``, ``stop_uneven`` and ``final_tol``
+    (progressive only): see :func:`progressive_kmeans`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -422,7 +446,7 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
     return progressive_kmeans(data, num_codes, iters=PROGRESSIVE_ITERS if iters is None else iters,
                               seed=seed, balanced=balanced, backend=backend, precision=precision,
                               coarse_balance=coarse_balance, final_iters=final_iters,
-                              stop_uneven=stop_uneven)
+                              stop_uneven=stop_uneven, final_tol=final_tol)
 
 
 def _assign(points: torch.Tensor, centroids: torch.Tensor, backend: str,
@@ -445,8 +469,9 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
     seeded by the residuals of the rows that seeded the first). With the progressive k-means
     (the default) each layer is trained for its part in a semantic ID: the first layer with a
     size penalty in its partial-width steps (:data:`FIRST_COARSE_BALANCE`: even first-code
-    groups); every layer but the last with :data:`PREFIX_FINAL_ITERS` full-width iterations (a
-    lower error); the last layer, which splits the prefix groups into IDs, stops its full-width
+    groups); every layer but the last with up to :data:`PREFIX_FINAL_ITERS` full-width
+    iterations (a lower error), stopped once one gains less than :data:`PREFIX_STOP_TOL` of the
+    inertia (converged: no lower error to buy); the last layer, which splits the prefix groups into IDs, stops its full-width
     iterations (from :data:`LAST_STOP_UNEVEN` on) at the first that makes its code sizes less
     even (on WordLlama and the synthetic catalogue: early, where Lloyd's drift toward uneven codes
     begins, and fewer items share an ID), at most :data:`LAST_FINAL_ITERS`.
@@ -462,7 +487,8 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
         if progressive:
             schedule = {"coarse_balance": FIRST_COARSE_BALANCE if layer == 0 and not last else 0.0,
                         "final_iters": LAST_FINAL_ITERS if last else PREFIX_FINAL_ITERS,
-                        "stop_uneven": LAST_STOP_UNEVEN if last else 0}
+                        "stop_uneven": LAST_STOP_UNEVEN if last else 0,
+                        "final_tol": 0.0 if last else PREFIX_STOP_TOL}
             if iters is not None:  # an explicit count applies to every step
                 schedule["final_iters"] = iters
         fitted = kmeans(residual, int(size), method=method, iters=iters, seed=seed,
@@ -515,9 +541,9 @@ def _codes_or_minus_one(x: torch.Tensor, books: Sequence[torch.Tensor], beam_siz
     :func:`rqvae_fast.beam.beam_encode` (:func:`rqvae_fast.beam_path.encode_paths`)."""
     from .beam_path import encode_paths
 
-    finite = torch.isfinite(x).all(dim=1)
-    if bool(finite.all()):
+    if all_finite(x):
         return encode_paths(x, books, beam_size)
+    finite = torch.isfinite(x).all(dim=1)
     codes = torch.full((x.shape[0], len(books)), -1, dtype=torch.int64, device=x.device)
     codes[finite] = encode_paths(x[finite], books, beam_size)
     return codes

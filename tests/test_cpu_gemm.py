@@ -63,3 +63,26 @@ def test_numpy_blas_threads_restored(restore_choice):
         assert [lib.get_num_threads() for lib in blas] == [1] * len(blas)
         assert np.ones(3) @ np.ones(3) == 3.0
     assert [lib.get_num_threads() for lib in blas] == before
+
+
+@pytest.mark.parametrize("choice", ["torch", "numpy"])
+@pytest.mark.parametrize("rows", [5, cpu_gemm.ROWS_PER_BLOCK, 2 * cpu_gemm.ROWS_PER_BLOCK + 37])
+def test_pooled_matmul_and_gram_match_torch(choice, rows, restore_choice):
+    """The k-means' rotation and scatter matrix, run as row blocks on the pool's workers, give
+    torch's products: row counts below, at and off a multiple of the block; a transposed
+    (strided) right-hand side; the gram summed in block order is the same on every call."""
+    cpu_gemm._choice = choice
+    gen = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 2 * 21, generator=gen)[:, :21]  # strided, as the centred rows' views
+    b = torch.randn(13, 21, generator=gen).t()
+    product = cpu_gemm.matmul(a, b)
+    assert product.shape == (rows, 13) and product.dtype == torch.float32
+    torch.testing.assert_close(product, a @ b, rtol=1e-5, atol=1e-4)
+    scatter = cpu_gemm.gram(a)
+    assert scatter.shape == (21, 21)
+    torch.testing.assert_close(scatter, a.t() @ a, rtol=1e-5, atol=1e-3 * rows ** 0.5)
+    from rqvae_fast.cpu_pool import use_workers
+
+    with use_workers(1):  # the blocks on this thread, in order: the very same sums
+        assert torch.equal(scatter, cpu_gemm.gram(a))
+        assert torch.equal(product, cpu_gemm.matmul(a, b))

@@ -119,20 +119,30 @@ def test_worker_setting_is_validated(monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("numpy_argmin", [True, False], ids=["numpy", "torch-passes"])
+@pytest.mark.parametrize("nonfinite", [True, False], ids=["nonfinite", "finite"])
 @pytest.mark.parametrize("rows,codes", [(0, 5), (1, 1), (1, 7), (37, 33), (64, 256), (5, 1000)])
-def test_first_argmin_is_argmin(rows, codes):
+def test_first_argmin_is_argmin(rows, codes, nonfinite, numpy_argmin, monkeypatch):
+    """Both implementations (NumPy's SIMD argmin, the vectorized passes) give min(dim=1)'s
+    values and indices: exact ties to the lowest index, -0.0 == 0.0, and rows with NaN or
+    infinite scores (the whole call then falls back to min(dim=1))."""
+    monkeypatch.setattr(torch_backend, "NUMPY_ARGMIN", numpy_argmin)
     gen = torch.Generator().manual_seed(rows * 1000 + codes)
     scores = torch.randn(rows, codes, generator=gen).round(decimals=1)  # many exact ties
     if rows > 4 and codes > 3:
         scores[1, 2] = scores[1, 3] = scores[1].min() - 1  # tie at the minimum
+        scores[0, :] = -0.0
+        scores[0, 1] = 0.0
+    if rows > 4 and codes > 3 and nonfinite:
         scores[2, 1] = float("nan")
         scores[3, :] = float("inf")
         scores[4, 3] = float("-inf")
-        scores[0, :] = -0.0
-        scores[0, 1] = 0.0
     positions = torch.arange(codes, dtype=torch.float32)
     expected = scores.argmin(dim=1)
     assert torch.equal(torch_backend.first_argmin_(scores.clone(), positions), expected)
+    values, indices = torch_backend.min_and_first_argmin_(scores.clone(), positions)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(values, scores.min(dim=1).values, rtol=0, atol=0, equal_nan=True)
 
 
 def test_chunk_rows_shrink_with_the_width_but_stay_efficient():

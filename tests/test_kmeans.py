@@ -180,3 +180,88 @@ def test_sklearn_path_with_fewer_distinct_rows_than_codes_is_quiet():
         hits = [k for k, c in enumerate(result.centroids) if torch.equal(c, row)]
         assert hits and result.counts[hits].sum() == 30
     assert result.counts.sum() == 300
+
+
+def _plain_lloyd(points, centroids, iters):
+    """Lloyd without any early stop (the reference the stopping rules must reproduce)."""
+    from rqvae_fast.assign import assign_and_sum
+
+    for _ in range(iters):
+        _, _, counts, sums = assign_and_sum(points, centroids)
+        assert bool((counts > 0).all())
+        centroids = sums / counts[:, None]
+    return centroids
+
+
+def test_lloyd_stops_at_a_fixed_point_with_the_full_result():
+    """Separated blobs converge in a few iterations: _lloyd stops there, and its centroids are
+    bit-identical to those of all the iterations asked for."""
+    from rqvae_fast.kmeans import _lloyd
+
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 5, generator=gen) * 20
+    points = (centres.repeat_interleave(50, dim=0) + torch.randn(300, 5, generator=gen))
+    start = points[::50].clone() + 0.5
+    result, counts, inertia, ran = _lloyd(points, start, 30, gen, 0.0, "auto", None)
+    assert ran < 30
+    assert torch.equal(result, _plain_lloyd(points, start, 30))
+    assert torch.equal(counts, torch.full((6,), 50.0))
+    assert inertia == pytest.approx(((points - result.repeat_interleave(50, dim=0)) ** 2)
+                                    .sum(dim=1).mean().item(), rel=1e-5)
+
+
+def test_lloyd_tolerance_stops_once_gains_are_small():
+    """On unstructured data Lloyd keeps improving by small steps: with a tolerance it stops at
+    the first iteration gaining less than that fraction, without one it runs every iteration."""
+    from rqvae_fast.assign import assign_and_sum
+    from rqvae_fast.kmeans import _lloyd
+
+    gen = torch.Generator().manual_seed(4)
+    points = torch.randn(3000, 8, generator=gen)
+    start = points[:64].clone()
+    full = _lloyd(points, start, 40, gen, 0.0, "auto", None)
+    assert full[3] == 40
+    stopped = _lloyd(points, start, 40, gen, 0.0, "auto", None, tol=1e-3)
+    assert 2 <= stopped[3] < 40
+    # the stopping iteration gained less than the tolerance, the one before did not
+    inertias = []
+    centroids = start
+    for _ in range(stopped[3]):
+        _, dist, counts, sums = assign_and_sum(points, centroids)
+        inertias.append(float(dist.mean()))
+        centroids = sums / counts.clamp_min(1)[:, None]
+    assert inertias[-2] - inertias[-1] <= 1e-3 * inertias[-2]
+    assert inertias[-3] - inertias[-2] > 1e-3 * inertias[-3]
+    assert torch.equal(stopped[0], centroids)
+
+
+def test_residual_kmeans_stops_converged_prefix_layers(monkeypatch):
+    """The prefix layers' full-width iterations stop at the first that gains less than
+    PREFIX_STOP_TOL of the inertia: on unstructured data a coarse tolerance cuts them short,
+    at no more than that fraction of inertia per iteration skipped."""
+    from rqvae_fast import kmeans as km
+
+    gen = torch.Generator().manual_seed(5)
+    points = torch.randn(4000, 12, generator=gen)
+    monkeypatch.setattr(km, "PREFIX_STOP_TOL", 0.0)
+    slow = km.residual_kmeans(points, [32, 32], seed=0)
+    monkeypatch.setattr(km, "PREFIX_STOP_TOL", 5e-3)
+    fast = km.residual_kmeans(points, [32, 32], seed=0)
+    assert fast[0].iterations < slow[0].iterations
+    skipped = slow[0].iterations - fast[0].iterations
+    assert slow[0].inertia <= fast[0].inertia <= slow[0].inertia * (1 + 5e-3) ** skipped
+
+
+def test_all_finite_sees_nan_inf_and_survives_an_overflowing_sum():
+    from rqvae_fast._validation import all_finite
+
+    x = torch.ones(1000, 7)
+    assert all_finite(x) and all_finite(torch.empty(0, 7))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[917, 3] = bad
+        assert not all_finite(y)
+    huge = torch.full((1000, 7), 3e38)  # finite values whose sum overflows to inf
+    assert all_finite(huge)
+    huge[5, 5] = float("nan")
+    assert not all_finite(huge)

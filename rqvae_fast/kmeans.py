@@ -32,6 +32,7 @@ KMEANS_PP_FIRST_WIDTH = 4  # with k-means++ seeds the first step sees at least 4
 KMEANS_PP_ROWS_PER_CODE = 8  # k-means++ seeding of the progressive k-means draws from 8 rows/code
 MAX_POINTS_PER_CENTROID = 256  # k-means trains on at most this many rows per code (as FAISS)
 BALANCE_STRENGTH = 0.1  # size-penalty step of balanced k-means, in units of the mean distance
+COARSE_BIAS_CAP = 0.1  # coarse balance: |penalty| at most this many mean distances (0: no cap)
 SPLIT_EPS = 1.0 / 1024  # relative perturbation that splits a centroid in two
 FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_ITERS)
 # Residual k-means (semantic IDs): how each layer is trained, measured on WordLlama and the
@@ -197,7 +198,7 @@ def _cpu(generator: torch.Generator) -> torch.Generator:
 
 def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator: torch.Generator,
            balance: float, backend: str, precision: Optional[str], stop_uneven: int = 0,
-           tol: float = 0.0):
+           tol: float = 0.0, bias_cap: float = 0.0):
     """At most ``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
 
     Returns ``(centroids, counts (K,), inertia, iterations run)`` with counts and inertia (mean
@@ -206,8 +207,9 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     ``min`` and ``index_add_`` (on CPU as fast as the fused path or faster, and it takes the size
     penalty). With ``balance`` > 0 a per-code penalty added to the squared distances grows by
     ``balance`` x the mean distance x the code's relative excess over the even share (clipped to
-    [-1, 1]) each iteration, so crowded codes shed their boundary rows and small ones gain rows.
-    ``stop_uneven`` > 0: see :func:`progressive_kmeans`.
+    [-1, 1]) each iteration, so crowded codes shed their boundary rows and small ones gain rows;
+    ``bias_cap`` > 0 keeps every penalty within that many mean distances (too small to move the
+    boundary between real clusters). ``stop_uneven`` > 0: see :func:`progressive_kmeans`.
 
     Stops early at a fixed point: an assignment equal to the previous one, with no empty code
     and no penalty, gives the centroids it was made with, so every later iteration would repeat
@@ -237,6 +239,8 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
             if bias is not None:
                 excess = (counts * (num_codes / n) - 1.0).clamp(-1.0, 1.0)
                 bias = bias + balance * inertia_t * excess
+                if bias_cap > 0:
+                    bias = bias.clamp(-bias_cap * inertia_t, bias_cap * inertia_t)
         if stop_uneven:
             spread = float(counts.pow(2).sum())
             if done >= stop_uneven and previous_spread is not None and spread > previous_spread:
@@ -308,8 +312,9 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     variance; the full-width steps only refine it, so the rich-get-richer drift of k-means on
     near-isotropic residuals (see docs/PIPELINE.md) never starts. ``balanced`` adds the size
     penalty of :func:`_lloyd` (:data:`BALANCE_STRENGTH`) in every step; ``coarse_balance`` > 0
-    adds a penalty of that strength in the partial-width steps only, so the partition starts
-    even and the full-width step is plain Lloyd (the codes a greedy encoder gives).
+    adds a penalty of that strength, capped at :data:`COARSE_BIAS_CAP` mean distances, in the
+    partial-width steps only, so the partition starts even where Lloyd's drift alone made it
+    uneven and the full-width step is plain Lloyd (the codes a greedy encoder gives).
     ``final_iters``: Lloyd iterations of the full-width step (default :data:`FINAL_STEP_ITERS`,
     or ``iters`` when 0); ``stop_uneven`` > 0 stops them, from that many on, at the first
     iteration whose assignment is less even (larger sum of squared code sizes) than the one
@@ -365,7 +370,8 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         centroids, counts, inertia, ran = _lloyd(rows, centroids, step_iters, gen, balance,
                                                  backend, precision,
                                                  stop_uneven=stop_uneven if final else 0,
-                                                 tol=final_tol if final else 0.0)
+                                                 tol=final_tol if final else 0.0,
+                                                 bias_cap=0.0 if balanced else COARSE_BIAS_CAP)
         done += ran
     centroids = (centroids + mean).contiguous()
     counts = counts * (n / points.shape[0])

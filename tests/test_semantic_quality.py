@@ -276,3 +276,23 @@ def test_first_layer_coarse_balance_evens_out_first_codes(monkeypatch):
         ppl.append(perplexity(np.bincount(codes[:, 0].numpy(), minlength=64)))
     assert balances[3:] == [km.FIRST_COARSE_BALANCE, 0.0, 0.0]
     assert ppl[1] > ppl[0]
+
+
+def test_coarse_balance_cap_leaves_real_clusters_alone():
+    # Issue 11: the coarse size penalty evens out codes that Lloyd's drift made uneven, but on the
+    # synthetic catalogue it also cut real clusters of unequal size (coherence below FAISS's).
+    # Capped at COARSE_BIAS_CAP mean distances it cannot move a boundary between real clusters:
+    # three 1-D clusters of 800 / 150 / 50 rows keep their own sizes under a strong penalty,
+    # which without the cap pulls them toward 333 each.
+    from rqvae_fast.kmeans import _lloyd
+
+    gen = torch.Generator().manual_seed(2)
+    sizes = (800, 150, 50)
+    x = torch.cat([torch.randn(n, 1, generator=gen) + 4.0 * i for i, n in enumerate(sizes)])
+    start = torch.tensor([[0.0], [4.0], [8.0]])
+    natural = _lloyd(x, start, 30, gen, 0.0, "auto", None)[1]
+    uncapped = _lloyd(x, start, 30, gen, 0.5, "auto", None)[1]
+    capped = _lloyd(x, start, 30, gen, 0.5, "auto", None, bias_cap=0.1)[1]
+    assert uncapped.max() < natural.max() - 100  # the penalty alone pulls rows off the big one
+    assert (capped - natural).abs().max() <= 15  # capped, the clusters keep their sizes
+    assert natural.max() > 750

@@ -362,7 +362,9 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
         final = step == len(widths) - 1
         if final:  # back to the input axes
             centroids = (centroids @ axes.t()).contiguous()
-        rows = centred if final else rotated[:, :width]  # a strided view: no copy per step
+        # a contiguous copy of the step's columns: the same codes as the strided view, 15-28 %
+        # faster per iteration at widths 9-84 (interleaved A/B on WordLlama), once per step
+        rows = centred if final else rotated[:, :width].contiguous()
         step_iters = iters
         if final:
             step_iters = final_iters if final_iters is not None else (FINAL_STEP_ITERS or iters)

@@ -38,8 +38,9 @@ FINAL_STEP_ITERS = 0  # Lloyd iterations of the full-width step (0: PROGRESSIVE_
 # Residual k-means (semantic IDs): how each layer is trained, measured on WordLlama and the
 # synthetic catalogue against FAISS (docs/PIPELINE.md, "Beyond FAISS's schedule").
 FIRST_COARSE_BALANCE = 0.05  # size penalty in the first layer's partial-width steps (0: none)
-PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of every layer but the last, at most:
-PREFIX_STOP_TOL = 1e-5  # they stop at one that lowers the inertia by less than this fraction
+PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of the middle layers, at most
+FIRST_FINAL_ITERS = 12  # ... of the first layer (its inertia gains least from more), at most
+PREFIX_STOP_TOL = 1e-5  # both stop at one that lowers the inertia by less than this fraction
 LAST_FINAL_ITERS = 20  # at most this many full-width Lloyd iterations in the last layer ...
 LAST_STOP_UNEVEN = 3  # ... which stop, from this many on, at the first that makes sizes less even
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
@@ -476,13 +477,15 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
     Every layer starts from the same ``seed`` (as FAISS's residual quantizer: a deep layer is
     seeded by the residuals of the rows that seeded the first). With the progressive k-means
     (the default) each layer is trained for its part in a semantic ID: the first layer with a
-    size penalty in its partial-width steps (:data:`FIRST_COARSE_BALANCE`: even first-code
-    groups); every layer but the last with up to :data:`PREFIX_FINAL_ITERS` full-width
-    iterations (a lower error), stopped once one gains less than :data:`PREFIX_STOP_TOL` of the
-    inertia (converged: no lower error to buy); the last layer, which splits the prefix groups into IDs, stops its full-width
-    iterations (from :data:`LAST_STOP_UNEVEN` on) at the first that makes its code sizes less
-    even (on WordLlama and the synthetic catalogue: early, where Lloyd's drift toward uneven codes
-    begins, and fewer items share an ID), at most :data:`LAST_FINAL_ITERS`.
+    size penalty, capped at :data:`COARSE_BIAS_CAP`, in its partial-width steps
+    (:data:`FIRST_COARSE_BALANCE`: even first-code groups); every layer but the last with up to
+    :data:`PREFIX_FINAL_ITERS` full-width iterations (a lower error; :data:`FIRST_FINAL_ITERS`
+    in the first layer, which gains least from them), stopped once one gains less than
+    :data:`PREFIX_STOP_TOL` of the inertia (converged: no lower error to buy); the last layer,
+    which splits the prefix groups into IDs, stops its full-width iterations (from
+    :data:`LAST_STOP_UNEVEN` on) at the first that makes its code sizes less even (on WordLlama
+    and the synthetic catalogue: early, where Lloyd's drift toward uneven codes begins, and
+    fewer items share an ID), at most :data:`LAST_FINAL_ITERS`.
     docs/PIPELINE.md has the measurements. An explicit ``iters`` sets every step's count.
     Returns one :class:`KMeansResult` per layer. ``data`` is not modified.
     """
@@ -494,7 +497,8 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
         schedule = {}
         if progressive:
             schedule = {"coarse_balance": FIRST_COARSE_BALANCE if layer == 0 and not last else 0.0,
-                        "final_iters": LAST_FINAL_ITERS if last else PREFIX_FINAL_ITERS,
+                        "final_iters": LAST_FINAL_ITERS if last else
+                        (FIRST_FINAL_ITERS if layer == 0 else PREFIX_FINAL_ITERS),
                         "stop_uneven": LAST_STOP_UNEVEN if last else 0,
                         "final_tol": 0.0 if last else PREFIX_STOP_TOL}
             if iters is not None:  # an explicit count applies to every step

@@ -118,11 +118,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     :func:`matmul_into`, so it runs on the faster BLAS one thread per worker as the passes do
     (a multi-threaded OpenBLAS call would leave its threads spinning on the cores while the next
     pass's workers start). Anything else (small, other devices or dtypes): ``torch.mm``."""
-    if not _pooled(a):
+    if not (_pooled(a) and b.device.type == "cpu" and b.dtype == torch.float32
+            and not b.requires_grad):
         return torch.mm(a, b)
     from .cpu_pool import run_chunks
 
-    rhs = b.detach().contiguous()
+    rhs = b.contiguous()
     out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
     def block(index: int) -> None:

@@ -18,7 +18,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -107,9 +107,23 @@ def matmul_into(rows: torch.Tensor, codes_t: torch.Tensor,
 ROWS_PER_BLOCK = 4096  # rows of one block of the pool-run products below
 
 
-def _pooled(a: torch.Tensor) -> bool:
-    return a.device.type == "cpu" and a.dtype == torch.float32 and not a.requires_grad \
-        and a.dim() == 2 and a.shape[0] > ROWS_PER_BLOCK
+def _pooled(*tensors: torch.Tensor) -> bool:
+    """Whether a product of these runs as row blocks on the pool: fp32 CPU 2-D tensors without
+    grad, the first with more than one block of rows."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
+               and t.dim() == 2 for t in tensors) and tensors[0].shape[0] > ROWS_PER_BLOCK
+
+
+def _run_blocks(rows: int, block: Callable[[int, slice], None]) -> None:
+    """``block(index, row_slice)`` for every :data:`ROWS_PER_BLOCK`-row block of ``rows`` rows,
+    on the pool's workers with one BLAS thread each."""
+    from .cpu_pool import run_chunks
+
+    def run(index: int) -> None:
+        block(index, slice(index * ROWS_PER_BLOCK, (index + 1) * ROWS_PER_BLOCK))
+
+    with single_threaded_blas():
+        run_chunks((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, run, device=torch.device("cpu"))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,20 +132,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     :func:`matmul_into`, so it runs on the faster BLAS one thread per worker as the passes do
     (a multi-threaded OpenBLAS call would leave its threads spinning on the cores while the next
     pass's workers start). Anything else (small, other devices or dtypes): ``torch.mm``."""
-    if not (_pooled(a) and b.device.type == "cpu" and b.dtype == torch.float32
-            and not b.requires_grad):
+    if not _pooled(a, b):
         return torch.mm(a, b)
-    from .cpu_pool import run_chunks
-
     rhs = b.contiguous()
     out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.float32)
-
-    def block(index: int) -> None:
-        lo = index * ROWS_PER_BLOCK
-        matmul_into(a[lo:lo + ROWS_PER_BLOCK], rhs, out=out[lo:lo + ROWS_PER_BLOCK])
-
-    with single_threaded_blas():
-        run_chunks((a.shape[0] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, block, device=a.device)
+    _run_blocks(a.shape[0], lambda _, rows: matmul_into(a[rows], rhs, out=out[rows]))
     return out
 
 
@@ -141,18 +146,13 @@ def gram(a: torch.Tensor) -> torch.Tensor:
     result does not depend on the number of workers); ``torch.mm`` for small or non-CPU input."""
     if not _pooled(a):
         return a.t() @ a
-    from .cpu_pool import run_chunks
+    partials = [None] * ((a.shape[0] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK)
 
-    count = (a.shape[0] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-    partials = [None] * count
+    def block(index: int, rows: slice) -> None:
+        part = a[rows]
+        partials[index] = matmul_into(part.t(), part.contiguous())
 
-    def block(index: int) -> None:
-        rows = a[index * ROWS_PER_BLOCK:(index + 1) * ROWS_PER_BLOCK]
-        partials[index] = matmul_into(rows.t(), rows.contiguous()) \
-            if rows.shape[0] >= NUMPY_MIN_DIM else rows.t() @ rows
-
-    with single_threaded_blas():
-        run_chunks(count, block, device=a.device)
+    _run_blocks(a.shape[0], block)
     total = partials[0]
     for partial in partials[1:]:
         total += partial

@@ -21,6 +21,7 @@ from .cpu_gemm import gram, matmul
 from .cpu_pool import run_on_one_thread
 from .functional import residual_quantize
 from .modules import ResidualVQ
+from .split_merge import split_merge
 
 METHODS = ("auto", "progressive", "fused", "sklearn")
 PROGRESSIVE_STEPS = 10  # k-means in 10 growing numbers of principal dimensions (as FAISS)
@@ -41,6 +42,9 @@ FIRST_COARSE_BALANCE = 0.05  # size penalty in the first layer's partial-width s
 PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of the middle layers, at most
 FIRST_FINAL_ITERS = 12  # ... of the first layer (its inertia gains least from more), at most
 PREFIX_STOP_TOL = 1e-5  # both stop at one that lowers the inertia by less than this fraction
+FIRST_SPLIT_MERGE = 4  # where they stop, the first layer tries split-merge moves this often
+PREFIX_SPLIT_MERGE = 4  # ... and the middle layers this often (0: never)
+MERGE_SIZE_CAP = 2.0  # a merge may not make a code larger than this many even shares (0: any)
 LAST_FINAL_ITERS = 20  # at most this many full-width Lloyd iterations in the last layer ...
 LAST_STOP_UNEVEN = 3  # ... which stop, from this many on, at the first that makes sizes less even
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
@@ -199,7 +203,7 @@ def _cpu(generator: torch.Generator) -> torch.Generator:
 
 def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator: torch.Generator,
            balance: float, backend: str, precision: Optional[str], stop_uneven: int = 0,
-           tol: float = 0.0, bias_cap: float = 0.0):
+           tol: float = 0.0, bias_cap: float = 0.0, split_merge_rounds: int = 0):
     """At most ``iters`` Lloyd iterations of ``points (n, d)`` from ``centroids (K, d)``.
 
     Returns ``(centroids, counts (K,), inertia, iterations run)`` with counts and inertia (mean
@@ -216,6 +220,9 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     and no penalty, gives the centroids it was made with, so every later iteration would repeat
     it (the result is the one all ``iters`` give). ``tol`` > 0 also stops after the first
     iteration that lowers the inertia by less than ``tol`` times the previous inertia.
+    ``split_merge_rounds`` > 0: at such a stop with iterations left, up to that many times, try
+    :func:`rqvae_fast.split_merge.split_merge` moves (merge two codes, split another), each
+    gaining more than ``max(tol, 1e-6)`` of the inertia, and go on iterating if one was made.
     """
     num_codes = centroids.shape[0]
     n = points.shape[0]
@@ -228,6 +235,7 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     previous_spread = None
     previous_codes = None
     previous_inertia = None
+    rounds_left = split_merge_rounds if not balanced else 0
     for done in range(iters):
         if fused:
             result = residual_quantize(points, [centroids], 0.0, backend=backend,
@@ -255,12 +263,22 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
                 bias = torch.where(counts == 0, torch.zeros_like(bias), bias)
         centroids = updated
         inertia = float(inertia_t)
-        if not balanced and not empty and previous_codes is not None \
-                and torch.equal(codes, previous_codes):
-            return centroids, counts, inertia, done + 1  # a fixed point
-        if tol > 0 and previous_inertia is not None \
-                and previous_inertia - inertia <= tol * previous_inertia:
-            return centroids, counts, inertia, done + 1
+        converged = not balanced and not empty and previous_codes is not None \
+            and torch.equal(codes, previous_codes)  # a fixed point
+        converged = converged or (tol > 0 and previous_inertia is not None
+                                  and previous_inertia - inertia <= tol * previous_inertia)
+        if converged:
+            if rounds_left == 0 or empty or done + 1 >= iters:
+                return centroids, counts, inertia, done + 1
+            rounds_left -= 1
+            min_gain = max(tol, 1e-6) * inertia * n
+            max_merged = MERGE_SIZE_CAP * n / num_codes if MERGE_SIZE_CAP > 0 else float("inf")
+            centroids, moves = split_merge(points, codes, centroids, counts, min_gain, row_sq,
+                                           max_merged)
+            if moves == 0:
+                return centroids, counts, inertia, done + 1
+            previous_codes, previous_inertia = None, None
+            continue
         previous_codes, previous_inertia = codes, inertia
     return centroids, counts, inertia, iters
 
@@ -298,7 +316,7 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
                        balanced: bool = False, seeding: str = SEEDING, backend: str = "auto",
                        precision: Optional[str] = None, coarse_balance: float = 0.0,
                        final_iters: Optional[int] = None, stop_uneven: int = 0,
-                       final_tol: float = 0.0) -> KMeansResult:
+                       final_tol: float = 0.0, split_merge_rounds: int = 0) -> KMeansResult:
     """k-means of ``data (N, D)`` in progressively more principal dimensions (the default).
 
     As FAISS's residual quantizer trains each layer: at most ``max_points_per_centroid *
@@ -321,7 +339,8 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
     iteration whose assignment is less even (larger sum of squared code sizes) than the one
     before, and returns the centroids that made it; ``final_tol`` > 0 stops them at the first
     that lowers the inertia by less than that fraction (every step stops at a fixed point: see
-    :func:`_lloyd`).
+    :func:`_lloyd`); ``split_merge_rounds`` > 0: where the full-width step stops so, it tries
+    split-merge moves (:mod:`rqvae_fast.split_merge`) up to that many times and goes on.
     Returns centroids in the input space; ``counts`` of the training rows scaled to ``N``. Fewer
     rows than codes: rows drawn with replacement.
     """
@@ -374,7 +393,9 @@ def progressive_kmeans(data: torch.Tensor, num_codes: int, *, iters: int = PROGR
                                                  backend, precision,
                                                  stop_uneven=stop_uneven if final else 0,
                                                  tol=final_tol if final else 0.0,
-                                                 bias_cap=0.0 if balanced else COARSE_BIAS_CAP)
+                                                 bias_cap=0.0 if balanced else COARSE_BIAS_CAP,
+                                                 split_merge_rounds=split_merge_rounds if final
+                                                 else 0)
         done += ran
     centroids = (centroids + mean).contiguous()
     counts = counts * (n / points.shape[0])
@@ -431,7 +452,7 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
            seed: Optional[int] = None, backend: str = "auto", precision: Optional[str] = None,
            balanced: bool = False, coarse_balance: float = 0.0,
            final_iters: Optional[int] = None, stop_uneven: int = 0,
-           final_tol: float = 0.0) -> KMeansResult:
+           final_tol: float = 0.0, split_merge_rounds: int = 0) -> KMeansResult:
     """k-means of ``data (N, D)`` by ``method``:
 
     - ``"auto"`` / ``"progressive"``: :func:`progressive_kmeans` (``iters`` per step, default
@@ -455,7 +476,8 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
     return progressive_kmeans(data, num_codes, iters=PROGRESSIVE_ITERS if iters is None else iters,
                               seed=seed, balanced=balanced, backend=backend, precision=precision,
                               coarse_balance=coarse_balance, final_iters=final_iters,
-                              stop_uneven=stop_uneven, final_tol=final_tol)
+                              stop_uneven=stop_uneven, final_tol=final_tol,
+                              split_merge_rounds=split_merge_rounds)
 
 
 def _assign(points: torch.Tensor, centroids: torch.Tensor, backend: str,
@@ -481,7 +503,10 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
     (:data:`FIRST_COARSE_BALANCE`: even first-code groups); every layer but the last with up to
     :data:`PREFIX_FINAL_ITERS` full-width iterations (a lower error; :data:`FIRST_FINAL_ITERS`
     in the first layer, which gains least from them), stopped once one gains less than
-    :data:`PREFIX_STOP_TOL` of the inertia (converged: no lower error to buy); the last layer,
+    :data:`PREFIX_STOP_TOL` of the inertia (converged: no lower error to buy), where they try
+    split-merge moves (:data:`FIRST_SPLIT_MERGE`, :data:`PREFIX_SPLIT_MERGE` rounds, no merge
+    above :data:`MERGE_SIZE_CAP` even shares) and go on if one was made: a converged k-means
+    that keeps one code on two real clusters escapes there; the last layer,
     which splits the prefix groups into IDs, stops its full-width iterations (from
     :data:`LAST_STOP_UNEVEN` on) at the first that makes its code sizes less even (on WordLlama
     and the synthetic catalogue: early, where Lloyd's drift toward uneven codes begins, and
@@ -500,7 +525,9 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
                         "final_iters": LAST_FINAL_ITERS if last else
                         (FIRST_FINAL_ITERS if layer == 0 else PREFIX_FINAL_ITERS),
                         "stop_uneven": LAST_STOP_UNEVEN if last else 0,
-                        "final_tol": 0.0 if last else PREFIX_STOP_TOL}
+                        "final_tol": 0.0 if last else PREFIX_STOP_TOL,
+                        "split_merge_rounds": 0 if last else
+                        (FIRST_SPLIT_MERGE if layer == 0 else PREFIX_SPLIT_MERGE)}
             if iters is not None:  # an explicit count applies to every step
                 schedule["final_iters"] = iters
         fitted = kmeans(residual, int(size), method=method, iters=iters, seed=seed,

@@ -42,9 +42,9 @@ FIRST_COARSE_BALANCE = 0.05  # size penalty in the first layer's partial-width s
 PREFIX_FINAL_ITERS = 20  # full-width Lloyd iterations of the middle layers, at most
 FIRST_FINAL_ITERS = 12  # ... of the first layer (its inertia gains least from more), at most
 PREFIX_STOP_TOL = 1e-5  # both stop at one that lowers the inertia by less than this fraction
-FIRST_SPLIT_MERGE = 4  # where they stop, the first layer tries split-merge moves this often
-PREFIX_SPLIT_MERGE = 4  # ... and the middle layers this often (0: never)
+SPLIT_MERGE_ROUNDS = 2  # where they stop, they try split-merge moves this often (0: never)
 MERGE_SIZE_CAP = 2.0  # a merge may not make a code larger than this many even shares (0: any)
+SETTLE_TOL = 1e-4  # after moves, iterations stop at one gaining less than this fraction (or tol)
 LAST_FINAL_ITERS = 20  # at most this many full-width Lloyd iterations in the last layer ...
 LAST_STOP_UNEVEN = 3  # ... which stop, from this many on, at the first that makes sizes less even
 REFINE_ROUNDS = 0  # joint codebook refinement rounds after the layer-wise k-means (opt-in)
@@ -222,7 +222,8 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     iteration that lowers the inertia by less than ``tol`` times the previous inertia.
     ``split_merge_rounds`` > 0: at such a stop with iterations left, up to that many times, try
     :func:`rqvae_fast.split_merge.split_merge` moves (merge two codes, split another), each
-    gaining more than ``max(tol, 1e-6)`` of the inertia, and go on iterating if one was made.
+    gaining more than ``max(tol, 1e-6)`` of the inertia, and go on iterating if one was made;
+    from then on the iterations stop at one gaining less than ``max(tol, SETTLE_TOL)``.
     """
     num_codes = centroids.shape[0]
     n = points.shape[0]
@@ -236,6 +237,7 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
     previous_codes = None
     previous_inertia = None
     rounds_left = split_merge_rounds if not balanced else 0
+    stop_tol = tol
     for done in range(iters):
         if fused:
             result = residual_quantize(points, [centroids], 0.0, backend=backend,
@@ -265,8 +267,8 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
         inertia = float(inertia_t)
         converged = not balanced and not empty and previous_codes is not None \
             and torch.equal(codes, previous_codes)  # a fixed point
-        converged = converged or (tol > 0 and previous_inertia is not None
-                                  and previous_inertia - inertia <= tol * previous_inertia)
+        converged = converged or (stop_tol > 0 and previous_inertia is not None
+                                  and previous_inertia - inertia <= stop_tol * previous_inertia)
         if converged:
             if rounds_left == 0 or empty or done + 1 >= iters:
                 return centroids, counts, inertia, done + 1
@@ -278,6 +280,7 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int, generator:
             if moves == 0:
                 return centroids, counts, inertia, done + 1
             previous_codes, previous_inertia = None, None
+            stop_tol = max(tol, SETTLE_TOL)
             continue
         previous_codes, previous_inertia = codes, inertia
     return centroids, counts, inertia, iters
@@ -504,9 +507,9 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
     :data:`PREFIX_FINAL_ITERS` full-width iterations (a lower error; :data:`FIRST_FINAL_ITERS`
     in the first layer, which gains least from them), stopped once one gains less than
     :data:`PREFIX_STOP_TOL` of the inertia (converged: no lower error to buy), where they try
-    split-merge moves (:data:`FIRST_SPLIT_MERGE`, :data:`PREFIX_SPLIT_MERGE` rounds, no merge
-    above :data:`MERGE_SIZE_CAP` even shares) and go on if one was made: a converged k-means
-    that keeps one code on two real clusters escapes there; the last layer,
+    split-merge moves (:data:`SPLIT_MERGE_ROUNDS` rounds, no merge above :data:`MERGE_SIZE_CAP`
+    even shares) and go on (to a gain under :data:`SETTLE_TOL`) if one was made: a converged
+    k-means that keeps one code on two real clusters escapes there; the last layer,
     which splits the prefix groups into IDs, stops its full-width iterations (from
     :data:`LAST_STOP_UNEVEN` on) at the first that makes its code sizes less even (on WordLlama
     and the synthetic catalogue: early, where Lloyd's drift toward uneven codes begins, and
@@ -526,8 +529,7 @@ def residual_kmeans(data: torch.Tensor, codebook_sizes: Sequence[int], *, method
                         (FIRST_FINAL_ITERS if layer == 0 else PREFIX_FINAL_ITERS),
                         "stop_uneven": LAST_STOP_UNEVEN if last else 0,
                         "final_tol": 0.0 if last else PREFIX_STOP_TOL,
-                        "split_merge_rounds": 0 if last else
-                        (FIRST_SPLIT_MERGE if layer == 0 else PREFIX_SPLIT_MERGE)}
+                        "split_merge_rounds": 0 if last else SPLIT_MERGE_ROUNDS}
             if iters is not None:  # an explicit count applies to every step
                 schedule["final_iters"] = iters
         fitted = kmeans(residual, int(size), method=method, iters=iters, seed=seed,

@@ -137,13 +137,13 @@ def test_residual_kmeans_first_layer_stops_mixing_real_clusters(monkeypatch, see
     x = torch.nn.functional.normalize(catalogue.embeddings, dim=1)
     clusters = catalogue.labels[:, 1]
     found = {}
-    for rounds in (0, km.FIRST_SPLIT_MERGE):
-        monkeypatch.setattr(km, "FIRST_SPLIT_MERGE", rounds)
+    for rounds in (0, km.SPLIT_MERGE_ROUNDS):
+        monkeypatch.setattr(km, "SPLIT_MERGE_ROUNDS", rounds)
         first = km.residual_kmeans(x, [64, 64], seed=seed)[0]
         codes, dist = nearest(x, first.centroids)
         found[rounds] = (_codes_mixing_clusters(codes, clusters), float(dist.mean()))
     (mixed_before, inertia_before) = found[0]
-    (mixed_after, inertia_after) = found[km.FIRST_SPLIT_MERGE]
+    (mixed_after, inertia_after) = found[km.SPLIT_MERGE_ROUNDS]
     assert mixed_before >= 5
     assert mixed_after <= mixed_before // 2
     assert inertia_after < inertia_before

@@ -464,8 +464,8 @@ def kmeans(data: torch.Tensor, num_codes: int, *, method: str = "auto", iters: O
       default 20);
     - ``"sklearn"``: scikit-learn's k-means++ (the seed's choice; skews deep residual layers).
 
-    ``balanced``, ``coarse_balance``, ``final_iters``, ``stop_uneven`` and ``final_tol``
-    (progressive only): see :func:`progressive_kmeans`.
+    ``balanced``, ``coarse_balance``, ``final_iters``, ``stop_uneven``, ``final_tol`` and
+    ``split_merge_rounds`` (progressive only): see :func:`progressive_kmeans`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -102,22 +102,25 @@ def split_merge(points: torch.Tensor, codes: torch.Tensor, centroids: torch.Tens
     starts = torch.cumsum(counts.long(), 0) - counts.long()
     candidates = torch.argsort(sse, descending=True)[:SPLIT_CANDIDATES].tolist()
     sse_host, starts_host, counts_host = sse.tolist(), starts.tolist(), counts.long().tolist()
-    used = torch.zeros(num_codes, dtype=torch.bool, device=points.device)
+    used = set()  # codes already in a move: their rows and columns of ``cost`` are inf
     updated, moves = centroids, 0
     for code in candidates:
         if sse_host[code] <= cheapest + min_gain:
             break  # the gain of a split is at most the code's squared error
-        if bool(used[code]) or counts_host[code] < 2:
+        if code in used or counts_host[code] < 2:
             continue
         lo = starts_host[code]
         members = order[lo:lo + counts_host[code]]
         gain, halves = two_means(points.index_select(0, members), row_sq.index_select(0, members))
-        free = cost.masked_fill(used[:, None] | used[None, :], float("inf"))
-        free[code, :] = float("inf")
-        free[:, code] = float("inf")
-        pair = int(free.argmin())
-        first, second = divmod(pair, num_codes)
-        if not gain > float(free[first, second]) + min_gain:
+        # the cheapest merge of two other codes: hide this code's row and column, then put back
+        saved_row, saved_col = cost[code].clone(), cost[:, code].clone()
+        cost[code, :] = float("inf")
+        cost[:, code] = float("inf")
+        first, second = divmod(int(cost.argmin()), num_codes)
+        merge_cost = float(cost[first, second])
+        cost[code, :] = saved_row
+        cost[:, code] = saved_col
+        if not gain > merge_cost + min_gain:
             continue
         if moves == 0:
             updated = centroids.clone()
@@ -127,7 +130,9 @@ def split_merge(points: torch.Tensor, codes: torch.Tensor, centroids: torch.Tens
         updated[second] = halves[0]
         updated[code] = halves[1]
         for index in (first, second, code):
-            used[index] = True
+            used.add(index)
+            cost[index, :] = float("inf")
+            cost[:, index] = float("inf")
         moves += 1
     return updated, moves
 
